@@ -1,0 +1,308 @@
+"""A GPT-2 style decoder in plain PyTorch, with switches for GQA, RoPE, RMSNorm, SwiGLU, QK-norm and
+sliding-window attention. Module names follow `transformers`' GPT-2 (`transformer.h.0.attn.c_attn`, ...)
+so weight conversion and name patterns (SPD, NPT) read the same on both."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lightning_modules.gpt.config import GPTConfig
+
+
+def build_norm(config: GPTConfig, size: int | None = None) -> nn.Module:
+    """LayerNorm (optionally bias-free) or RMSNorm over the last dimension."""
+    size = size or config.n_embd
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(size, eps=config.norm_eps)
+    return nn.LayerNorm(size, eps=config.norm_eps, bias=config.bias)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (rotate-half convention, as in `transformers`' Llama)."""
+
+    def __init__(self, head_size: int, max_seq_len: int, base: float) -> None:
+        super().__init__()
+        self.head_size, self.base = head_size, base
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self._build(max_seq_len)
+
+    def _build(self, seq_len: int, device: torch.device | None = None) -> None:
+        inv_freq = 1.0 / (
+            self.base ** (torch.arange(0, self.head_size, 2, device=device).float() / self.head_size)
+        )
+        angles = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)  # (seq, head/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (seq, head)
+        self.cos, self.sin = angles.cos(), angles.sin()
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotate x (batch, heads, seq, head_size) by its positions (default 0..seq-1)."""
+        seq = x.size(-2)
+        if self.cos.device.type == "meta" or self.cos.size(0) < seq:
+            self._build(max(seq, self.cos.size(0)), device=x.device)
+        cos = self.cos[:seq] if positions is None else self.cos[positions]
+        sin = self.sin[:seq] if positions is None else self.sin[positions]
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        half = x.size(-1) // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+
+def sliding_window_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
+    """Boolean (seq, seq) mask, True where query i may attend key j: j <= i and i - j < window."""
+    i = torch.arange(seq_len, device=device)[:, None]
+    j = torch.arange(seq_len, device=device)[None, :]
+    return (j <= i) & (i - j < window)
+
+
+def math_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, dropout_p: float
+) -> torch.Tensor:
+    """Reference attention: explicit causal (optionally windowed) softmax. q (b, h, s, d); k, v (b, kv, s, d)."""
+    if k.size(1) != q.size(1):
+        repeat = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    seq = q.size(-2)
+    mask = sliding_window_mask(seq, window or seq, q.device)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = F.dropout(scores.softmax(dim=-1), p=dropout_p)
+    return probs @ v
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with optional GQA/MQA, RoPE, QK-norm and a sliding window."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int, rope: RotaryEmbedding | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.n_head, self.n_kv_head, self.head_size = config.n_head, config.n_kv_head, config.head_size
+        self.window = config.window_for_layer(layer_idx)
+        qkv_out = (config.n_head + 2 * config.n_kv_head) * config.head_size
+        self.c_attn = nn.Linear(config.n_embd, qkv_out, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.q_norm = nn.RMSNorm(config.head_size, eps=config.norm_eps) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(config.head_size, eps=config.norm_eps) if config.qk_norm else None
+        self.rope = rope  # shared across layers; holds only non-persistent buffers
+        self.resid_dropout = nn.Dropout(config.resid_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (batch, seq, n_embd) -> (batch, seq, n_embd)."""
+        b, s, _ = x.shape
+        q, k, v = self.c_attn(x).split(
+            [self.n_head * self.head_size, self.n_kv_head * self.head_size, self.n_kv_head * self.head_size],
+            dim=-1,
+        )
+        q = q.view(b, s, self.n_head, self.head_size)
+        k = k.view(b, s, self.n_kv_head, self.head_size)
+        v = v.view(b, s, self.n_kv_head, self.head_size)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.config.attn_backend == "flash_attn":
+            y = self._flash_attn(q, k, v)  # (b, s, h, d)
+        else:
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, heads, s, d)
+            if self.rope is not None:
+                q, k = self.rope(q), self.rope(k)
+            dropout_p = self.config.attn_dropout if self.training else 0.0
+            if self.config.attn_backend == "math":
+                y = math_attention(q, k, v, self.window, dropout_p)
+            else:
+                y = self._sdpa(q, k, v, dropout_p)
+            y = y.transpose(1, 2)  # (b, s, h, d)
+        return self.resid_dropout(self.c_proj(y.reshape(b, s, self.config.n_embd)))
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        gqa = self.n_kv_head != self.n_head
+        seq = q.size(-2)
+        if self.window is None or self.window >= seq:
+            return F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa
+            )
+        mask = sliding_window_mask(seq, self.window, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
+
+    def _flash_attn(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        from flash_attn import flash_attn_func  # optional extra; checked in GPT.__init__
+
+        if self.rope is not None:
+            q = self.rope(q.transpose(1, 2)).transpose(1, 2)
+            k = self.rope(k.transpose(1, 2)).transpose(1, 2)
+        window = (-1, -1) if self.window is None else (self.window - 1, 0)
+        dropout_p = self.config.attn_dropout if self.training else 0.0
+        return flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True, window_size=window)
+
+
+class MLP(nn.Module):
+    """GELU (tanh approximation, as GPT-2) or SwiGLU feed-forward block."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        hidden = config.mlp_hidden
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)  # GELU input / SwiGLU gate
+        self.c_up = nn.Linear(config.n_embd, hidden, bias=config.bias) if self.swiglu else None
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.resid_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (batch, seq, n_embd) -> (batch, seq, n_embd)."""
+        if self.swiglu:
+            h = F.silu(self.c_fc(x)) * self.c_up(x)
+        else:
+            h = F.gelu(self.c_fc(x), approximate="tanh")
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int, rope: RotaryEmbedding | None = None) -> None:
+        super().__init__()
+        self.ln_1 = build_norm(config)
+        self.attn = CausalSelfAttention(config, layer_idx, rope)
+        self.ln_2 = build_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer language model. forward(idx (b, s)) -> logits (b, s, padded_vocab_size)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        config.validate()
+        if config.attn_backend == "flash_attn":
+            _require_flash_attn()
+        self.config = config
+        rope = RotaryEmbedding(config.head_size, config.block_size, config.rope_base) if config.rope else None
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                wpe=None if config.rope else nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.embd_dropout),
+                h=nn.ModuleList(Block(config, i, rope) for i in range(config.n_layer)),
+                ln_f=build_norm(config),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
+        std = 0.02
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()
+        for block in self.transformer.h:
+            for proj in (block.attn.c_proj, block.mlp.c_proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (batch, seq) token ids -> logits (batch, seq, padded_vocab_size)."""
+        return self.lm_head(self.hidden_states(idx))
+
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (batch, seq) -> final normalised hidden states (batch, seq, n_embd)."""
+        seq = idx.size(1)
+        if seq > self.config.block_size:
+            raise ValueError(f"sequence length {seq} exceeds block_size={self.config.block_size}")
+        x = self.transformer.wte(idx)
+        if self.transformer.wpe is not None:
+            x = x + self.transformer.wpe(torch.arange(seq, device=idx.device))
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.transformer.ln_f(x)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample continuations of prompt_ids (batch, seq) -> (batch, seq + max_new_tokens).
+
+        temperature 0 is greedy decoding; top_k keeps the k most likely tokens. Only real vocabulary
+        entries (not the padding rows of the embedding) are ever sampled."""
+        if prompt_ids.dim() == 1:
+            prompt_ids = prompt_ids[None]
+        if prompt_ids.size(1) == 0:
+            raise ValueError("generate needs a prompt of at least one token")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        idx = prompt_ids
+        for _ in range(max_new_tokens):
+            logits = self(idx[:, -self.config.block_size :])[:, -1, : self.config.vocab_size].float()
+            if temperature == 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                next_id = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+            idx = torch.cat([idx, next_id], dim=1)
+        return idx
+
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        """Number of unique parameters; without embeddings excludes token and position tables."""
+        n = sum(p.numel() for p in self.parameters())
+        if not include_embeddings:
+            n -= self.transformer.wte.weight.numel()
+            if self.transformer.wpe is not None:
+                n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token, 6N + 6·L·T·C (llm.c/PaLM convention; N excludes embeddings)."""
+        seq_len = seq_len or self.config.block_size
+        c = self.config
+        return 6 * self.num_parameters(include_embeddings=False) + 6 * c.n_layer * seq_len * c.n_embd
+
+    # --- interop with transformers ---------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, model_or_path: Any, **overrides: Any) -> GPT:
+        """Build a GPT from a `transformers` GPT2LMHeadModel (in memory) or a local directory."""
+        from lightning_modules.gpt.hf import gpt_from_hf
+
+        return gpt_from_hf(model_or_path, **overrides)
+
+    def to_hf(self) -> Any:
+        """An equivalent `transformers` GPT2LMHeadModel (baseline GPT-2 architecture only)."""
+        from lightning_modules.gpt.hf import gpt_to_hf
+
+        return gpt_to_hf(self)
+
+
+def _require_flash_attn() -> None:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError as err:
+        raise ValueError(
+            "attn_backend='flash_attn' needs the flash-attn package on CUDA "
+            "(pip install -e '.[flash]'); valid alternatives: 'sdpa' (default), 'math'"
+        ) from err

@@ -1,0 +1,254 @@
+"""GPTLightningModule: next-token training of `GPT` with AdamW decay groups and warmup + cosine LR."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_only
+from torchmetrics import MeanMetric
+
+from lightning_modules.common.optim import (
+    build_optimizer,
+    decay_param_groups,
+    default_adamw,
+    warmup_cosine_lambda,
+)
+from lightning_modules.gpt.config import TRAINING_ONLY_FIELDS, GPTConfig
+from lightning_modules.gpt.model import GPT
+
+log = logging.getLogger(__name__)
+
+
+class GPTLightningModule(pl.LightningModule):
+    """Trains a GPT on (x, y) token batches of shape (batch, seq).
+
+    Args:
+        config: the model's architecture; `vocab_size` is replaced by the linked DataModule's.
+        vocab_size: tokens produced by the data (linked from `data.vocab_size` by train.py).
+        init_from: start from weights: a local `transformers` GPT-2 directory or one of our `.ckpt` files;
+            the architecture then comes from those weights, not from `config`.
+        optimizer: an optimizer factory (LightningCLI `OptimizerCallable`); weight decay applies only to
+            tensors with 2+ dims; fused on CUDA.
+        warmup_steps: linear warmup steps. lr_decay_steps: cosine length (None = the whole run).
+        min_lr_ratio: the cosine ends at this fraction of the peak LR.
+        loss_clamp: clamp each token's loss at this value before averaging (None = off); tames spikes.
+        compile: `torch.compile` the inner model in configure_model (state-dict keys unchanged).
+        sample_prompt / sample_tokens / sample_temperature / sample_top_k: the text sample generated and
+            logged after each validation (sample_tokens 0 = off).
+    """
+
+    def __init__(
+        self,
+        config: GPTConfig | None = None,
+        vocab_size: int | None = None,
+        init_from: str | None = None,
+        optimizer: OptimizerCallable = default_adamw,
+        warmup_steps: int = 100,
+        lr_decay_steps: int | None = None,
+        min_lr_ratio: float = 0.1,
+        loss_clamp: float | None = None,
+        compile: bool = False,
+        compile_mode: str | None = None,
+        sample_prompt: str = "\n",
+        sample_tokens: int = 128,
+        sample_temperature: float = 0.8,
+        sample_top_k: int | None = 50,
+    ) -> None:
+        super().__init__()
+        if isinstance(config, dict):  # as stored in a checkpoint's hyper_parameters
+            config = GPTConfig(**config)
+        # The config is stored as a plain dict so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["optimizer", "config"])
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if lr_decay_steps is not None and lr_decay_steps < 1:
+            raise ValueError(f"lr_decay_steps must be >= 1 or None, got {lr_decay_steps}")
+        if loss_clamp is not None and loss_clamp <= 0:
+            raise ValueError(f"loss_clamp must be > 0 or None, got {loss_clamp}")
+        self.model = self._build_model(config or GPTConfig.from_name("tiny"), vocab_size, init_from)
+        self.config = self.model.config
+        self.hparams["config"] = dataclasses.asdict(self.config)
+        self.hparams["init_from"] = None  # the stored config now describes the weights; don't reload them
+        self.optimizer_factory = optimizer
+        self.val_loss = MeanMetric()  # token-weighted mean cross-entropy (weights = token counts)
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long), persistent=True)
+        self._compiled = False
+
+    @staticmethod
+    def _build_model(config: GPTConfig, vocab_size: int | None, init_from: str | None) -> GPT:
+        if init_from is None:
+            if vocab_size is not None and vocab_size != config.vocab_size:
+                config = dataclasses.replace(config, vocab_size=vocab_size, padded_vocab_size=None)
+            return GPT(config)
+        model = load_gpt_weights(init_from, training_overrides=_training_fields(config))
+        if vocab_size is not None and vocab_size > model.config.padded_vocab_size:
+            raise ValueError(
+                f"the tokenizer has {vocab_size} tokens but the model from {init_from!r} embeds only "
+                f"{model.config.padded_vocab_size}; use that model's tokenizer or one with <= "
+                f"{model.config.padded_vocab_size} tokens"
+            )
+        return model
+
+    def configure_model(self) -> None:
+        if self.hparams.compile and not self._compiled:
+            self.model.compile(mode=self.hparams.compile_mode)  # in place: state-dict keys stay clean
+            self._compiled = True
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None:
+            return
+        block = getattr(datamodule, "block_size", None)
+        if block is not None and block > self.config.block_size:
+            raise ValueError(
+                f"data block_size={block} exceeds the model's positions (block_size={self.config.block_size}); "
+                f"set data.init_args.block_size <= {self.config.block_size}"
+            )
+        vocab = getattr(datamodule, "vocab_size", None)
+        if vocab is not None and vocab > self.config.padded_vocab_size:
+            raise ValueError(
+                f"the tokenizer has {vocab} tokens but the model embeds {self.config.padded_vocab_size}; "
+                "link data.vocab_size to the model or use a smaller tokenizer"
+            )
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy; logits (b, s, vocab), targets (b, s); optional per-token clamp."""
+        per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+        if self.hparams.loss_clamp is not None:
+            per_token = per_token.clamp(max=self.hparams.loss_clamp)
+        return per_token.sum() if reduction == "sum" else per_token.mean()
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = self.loss(self.model(x), y)
+        self.tokens_seen += y.numel() * self.trainer.world_size
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/tokens_seen", self.tokens_seen.float(), reduce_fx="max")
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        n_tokens = y.numel()
+        mean_loss = self.loss(self.model(x), y)
+        self.val_loss.update(mean_loss, weight=n_tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()  # synchronised across ranks by torchmetrics
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", torch.exp(loss), sync_dist=False)
+        if not self.trainer.sanity_checking:
+            self._log_sample()
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("test/loss", loss)
+        self.log("test/ppl", torch.exp(loss))
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Continue each prompt in the batch ((x, y) pairs use x) with the sampling settings."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self.generate(
+            x, self.hparams.sample_tokens, self.hparams.sample_temperature, self.hparams.sample_top_k
+        )
+
+    def generate(
+        self,
+        prompt_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+    ) -> torch.Tensor:
+        """Sample max_new_tokens after prompt_ids (batch, seq); see `GPT.generate`."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self.model.generate(prompt_ids.to(self.device), max_new_tokens, temperature, top_k)
+        finally:
+            self.model.train(was_training)
+
+    @rank_zero_only
+    def _log_sample(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.hparams.sample_tokens <= 0 or datamodule is None or not hasattr(datamodule, "decode"):
+            return
+        prompt = datamodule.encode(self.hparams.sample_prompt) or [0]
+        out = self.generate(
+            torch.tensor([prompt], device=self.device),
+            self.hparams.sample_tokens,
+            self.hparams.sample_temperature,
+            self.hparams.sample_top_k,
+        )
+        text = datamodule.decode(out[0].tolist())
+        step = self.trainer.global_step
+        for logger in self.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_text"):
+                # TensorBoard renders markdown: a code block keeps whitespace and newlines.
+                experiment.add_text("samples/generated", f"```\n{text}\n```", global_step=step)
+        if self.trainer.log_dir:
+            with open(Path(self.trainer.log_dir) / "samples.txt", "a", encoding="utf-8") as f:
+                f.write(f"=== step {step} ===\n{text}\n\n")
+        log.info("sample at step %d:\n%s", step, text)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = decay_param_groups(self.model.named_parameters())
+        optimizer = build_optimizer(self.optimizer_factory, groups, on_cuda=self.device.type == "cuda")
+        total = self.hparams.lr_decay_steps or max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(self.hparams.warmup_steps, max(0, total - 1))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine_lambda(warmup, total, self.hparams.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters", {}).get("gpt_architecture")
+        if saved:
+            diff = self.config.architecture_diff(saved)
+            if diff:
+                details = ", ".join(f"{k}: checkpoint={v[1]!r} model={v[0]!r}" for k, v in diff.items())
+                raise ValueError(f"checkpoint architecture differs from the model's: {details}")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint.setdefault("hyper_parameters", {})["gpt_architecture"] = self.config.architecture()
+
+
+def _training_fields(config: GPTConfig) -> dict[str, Any]:
+    return {name: getattr(config, name) for name in TRAINING_ONLY_FIELDS}
+
+
+def load_gpt_weights(path: str, training_overrides: dict[str, Any] | None = None) -> GPT:
+    """A GPT from a local `transformers` GPT-2 directory or one of our Lightning `.ckpt` files."""
+    source = Path(path)
+    overrides = training_overrides or {}
+    if source.is_dir():
+        return GPT.from_hf(source, **overrides)
+    if not source.is_file():
+        raise FileNotFoundError(
+            f"init_from={path!r} does not exist; give a Lightning .ckpt file or a transformers model directory"
+        )
+    checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+    arch = checkpoint.get("hyper_parameters", {}).get("gpt_architecture")
+    if arch is None:
+        raise ValueError(f"{path!r} is not a GPT checkpoint of this project (no 'gpt_architecture' saved)")
+    model = GPT(GPTConfig(**{**arch, **overrides}))
+    state = {
+        k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")
+    }
+    state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
+    model.load_state_dict(state)
+    return model

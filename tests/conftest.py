@@ -1,0 +1,25 @@
+"""Shared fixtures: tests run on CPU in float32 and leave the process as they found it."""
+
+import os
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _restore_env_and_process_group():
+    """Restore environment variables and tear down any process group a test created."""
+    env_before = dict(os.environ)
+    torch_threads = torch.get_num_threads()
+    yield
+    os.environ.clear()
+    os.environ.update(env_before)
+    torch.set_num_threads(torch_threads)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
