@@ -205,6 +205,16 @@ class GPTLightningModule(pl.LightningModule):
                 f.write(f"=== step {step} ===\n{text}\n\n")
         log.info("sample at step %d:\n%s", step, text)
 
+    def measure_flops_per_batch(self, batch: tuple[torch.Tensor, ...]) -> int:
+        """Training FLOPs (forward + backward) of one batch, counted on a meta-device copy of the model."""
+        from lightning.fabric.utilities.throughput import measure_flops
+
+        shape = batch[0].shape
+        with torch.device("meta"):
+            meta_model = GPT(dataclasses.replace(self.config, gradient_checkpointing=False))
+            x = torch.zeros(shape, dtype=torch.long)
+        return measure_flops(meta_model, lambda: meta_model(x), loss_fn=lambda logits: logits.sum())
+
     def configure_optimizers(self) -> dict[str, Any]:
         groups = decay_param_groups(self.model.named_parameters())
         optimizer = build_optimizer(self.optimizer_factory, groups, on_cuda=self.device.type == "cuda")
