@@ -44,7 +44,10 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> CollectionCLI:
             "logger": {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": ".", "name": "lightning_logs", "default_hp_metric": False},
-            }
+            },
+            # Atomic checkpoint writes (temporary file + rename); configs/callbacks/async_checkpoint.yaml
+            # swaps in the asynchronous variant.
+            "plugins": [{"class_path": "callbacks.AtomicCheckpointIO"}],
         },
         args=args,
         run=run,

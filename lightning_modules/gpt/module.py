@@ -226,7 +226,7 @@ class GPTLightningModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("hyper_parameters", {}).get("gpt_architecture")
+        saved = checkpoint.get("gpt_architecture")
         if saved:
             diff = self.config.architecture_diff(saved)
             if diff:
@@ -234,7 +234,7 @@ class GPTLightningModule(pl.LightningModule):
                 raise ValueError(f"checkpoint architecture differs from the model's: {details}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint.setdefault("hyper_parameters", {})["gpt_architecture"] = self.config.architecture()
+        checkpoint["gpt_architecture"] = self.config.architecture()
 
 
 def _training_fields(config: GPTConfig) -> dict[str, Any]:
@@ -252,7 +252,7 @@ def load_gpt_weights(path: str, training_overrides: dict[str, Any] | None = None
             f"init_from={path!r} does not exist; give a Lightning .ckpt file or a transformers model directory"
         )
     checkpoint = torch.load(source, map_location="cpu", weights_only=False)
-    arch = checkpoint.get("hyper_parameters", {}).get("gpt_architecture")
+    arch = checkpoint.get("gpt_architecture")
     if arch is None:
         raise ValueError(f"{path!r} is not a GPT checkpoint of this project (no 'gpt_architecture' saved)")
     model = GPT(GPTConfig(**{**arch, **overrides}))

@@ -1,0 +1,552 @@
+"""`TextDataModule`: next-token language-modelling batches from text files, `datasets` datasets, nanoGPT
+`.bin` token files, or the embedded default corpus (the Python standard library's own source files)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.corpus import (
+    DEFAULT_CORPUS_CHARS,
+    BinSource,
+    corpus_pieces,
+    dataset_identity,
+    default_corpus_files,
+    file_identity,
+    iter_dataset_texts,
+    iter_file_texts,
+    load_text_dataset,
+    resolve_bin_source,
+    resolve_text_files,
+    take_chars,
+)
+from datamodules.resumable import ResumableDataLoader, ResumableSampler
+from datamodules.tokenizer import (
+    BPETokenizer,
+    ByteTokenizer,
+    HFTokenizer,
+    TextTokenizer,
+    train_bpe,
+)
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+BIN_DTYPES = ("uint16", "uint32")
+_ENCODE_BATCH_CHARS = 8 << 20  # characters tokenised per call (tokenizers parallelises within a call)
+_COUNT_CHUNK = 1 << 24  # tokens per bincount / max chunk
+
+
+def token_dtype(vocab_size: int) -> str:
+    """The smallest unsigned dtype that holds every token id of a vocabulary."""
+    return "uint16" if vocab_size <= 65535 else "uint32"
+
+
+@dataclass(frozen=True)
+class TokenSpan:
+    """Tokens `begin:end` of a flat token file."""
+
+    path: Path
+    dtype: str
+    begin: int
+    end: int
+
+    def __len__(self) -> int:
+        return self.end - self.begin
+
+    def tokens(self) -> np.ndarray:
+        """The span as a read-only memmap."""
+        return np.memmap(self.path, dtype=self.dtype, mode="r")[self.begin : self.end]
+
+
+class TokenWindows(Dataset):
+    """Non-overlapping windows of `block_size + 1` tokens of a span; item i is `(x, y)`, y = x shifted by one.
+
+    Window i starts at `offset + i * block_size`. The memmap is opened lazily in each process, so the dataset
+    pickles cheaply into DataLoader workers."""
+
+    def __init__(self, span: TokenSpan, block_size: int, offset: int = 0) -> None:
+        self.span = span
+        self.block_size = block_size
+        self.offset = max(0, min(offset, len(span) - block_size - 1))
+        self._tokens: np.ndarray | None = None
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """All tokens of the span (memmap)."""
+        if self._tokens is None:
+            self._tokens = self.span.tokens()
+        return self._tokens
+
+    def __len__(self) -> int:
+        return max(0, (len(self.span) - self.offset - 1) // self.block_size)
+
+    def start(self, index: int) -> int:
+        """Position of window `index`'s first token within the span."""
+        return self.offset + index * self.block_size
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"window {index} out of range [0, {len(self)})")
+        start = self.start(index)
+        window = torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
+        return window[:-1], window[1:]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tokens": None}
+
+
+@contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` that replaces it on success and is removed on failure."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    with _atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _batches(pieces: Iterator[str], max_chars: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    size = 0
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece)
+        if size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{name}={value!r} must be >= 1")
+
+
+class TextDataModule(LightningDataModule):
+    """Next-token language modelling: `(x, y)` windows of `block_size` tokens, y = x shifted by one.
+
+    The corpus is tokenised once into a memmap cached under `cache_dir` (keyed by the sources' identity,
+    `max_chars` and the tokenizer); the last `val_fraction` of the token stream is validation (or `val.bin`).
+
+    Args:
+        sources: text files, globs, directories (all text files under them), or one nanoGPT `.bin` file / a
+            directory with `train.bin` (+ `val.bin`). None (and no `dataset_name`): the Python standard
+            library's own source files.
+        dataset_name: a `datasets` dataset (hub name or local path) instead of `sources`.
+        dataset_config: its configuration name.
+        text_column: the dataset column holding the text.
+        streaming: stream the dataset instead of downloading it whole (bounded by `max_chars`).
+        tokenizer: "bpe" (byte-level BPE trained on the training split), "bytes" (UTF-8 bytes, vocab 256), or a
+            `transformers` tokenizer name / local directory.
+        bpe_vocab_size: the BPE vocabulary size (>= 257).
+        block_size: tokens per training example.
+        batch_size: examples per batch.
+        val_fraction: the fraction of the token stream (its end) held out for validation.
+        max_chars: at most this many corpus characters are read (default corpus: 6,000,000 when None).
+        bin_dtype: the token dtype of `.bin` sources ("uint16" or "uint32").
+        cache_dir: where token files and trained tokenizers are cached.
+        num_workers, pin_memory, persistent_workers, prefetch_factor: DataLoader settings (`pin_memory=None`:
+            on when training on CUDA; the last two only with workers).
+        drop_last: drop the last incomplete training batch (validation keeps it).
+        seed: chooses the training windows' offset and the shuffling order.
+        predict_prompts: texts `train.py predict` continues (default: a few Python openings).
+    """
+
+    def __init__(
+        self,
+        sources: str | list[str] | None = None,
+        dataset_name: str | None = None,
+        dataset_config: str | None = None,
+        text_column: str = "text",
+        streaming: bool = False,
+        tokenizer: str = "bpe",
+        bpe_vocab_size: int = 4096,
+        block_size: int = 256,
+        batch_size: int = 32,
+        val_fraction: float = 0.05,
+        max_chars: int | None = None,
+        bin_dtype: str = "uint16",
+        cache_dir: str = "data_cache",
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        prefetch_factor: int | None = None,
+        drop_last: bool = True,
+        seed: int = 1337,
+        predict_prompts: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.sources = [sources] if isinstance(sources, str) else None if sources is None else list(sources)
+        self.dataset_name = dataset_name
+        self.dataset_config = dataset_config
+        self.text_column = text_column
+        self.streaming = streaming
+        self.tokenizer_name = tokenizer
+        self.bpe_vocab_size = bpe_vocab_size
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.max_chars = max_chars
+        self.bin_dtype = bin_dtype
+        self.cache_dir = Path(cache_dir)
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.prefetch_factor = prefetch_factor
+        self.drop_last = drop_last
+        self.seed = seed
+        self.predict_prompts = list(predict_prompts) if predict_prompts else ["def ", "class ", "import "]
+        self._validate_arguments()
+        if self.sources is None and dataset_name is None and max_chars is None:
+            self.max_chars = DEFAULT_CORPUS_CHARS
+        self._tokenizer: TextTokenizer | None = self._builtin_or_hf_tokenizer()
+        self.cache_hit: bool | None = None  # after prepare_data/setup: True when the token cache was reused
+        self.cache_path: Path | None = None  # the cache folder used (None for .bin sources)
+        self._spans: tuple[TokenSpan, TokenSpan] | None = None
+        self.train_dataset: TokenWindows | None = None
+        self.val_dataset: TokenWindows | None = None
+
+    # ----------------------------------------------------------------------------------------- validation
+    def _validate_arguments(self) -> None:
+        _check_positive(block_size=self.block_size, batch_size=self.batch_size)
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction={self.val_fraction!r} must be in (0, 1), e.g. 0.05")
+        if self.bpe_vocab_size < 257:
+            raise ValueError(
+                f"bpe_vocab_size={self.bpe_vocab_size!r} must be >= 257: byte-level BPE starts from the 256 "
+                "bytes and adds merges"
+            )
+        if self.bin_dtype not in BIN_DTYPES:
+            raise ValueError(f"bin_dtype={self.bin_dtype!r} must be one of {BIN_DTYPES}")
+        if self.max_chars is not None and self.max_chars < 1:
+            raise ValueError(f"max_chars={self.max_chars!r} must be >= 1 (or None for no cap)")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers={self.num_workers!r} must be >= 0")
+        if self.prefetch_factor is not None and self.prefetch_factor < 1:
+            raise ValueError(f"prefetch_factor={self.prefetch_factor!r} must be >= 1 (or None)")
+        if self.sources is not None and self.dataset_name is not None:
+            raise ValueError(
+                f"give either sources={self.sources!r} or dataset_name={self.dataset_name!r}, not both"
+            )
+        if self.sources is not None and not self.sources:
+            raise ValueError("sources=[] names no file; give files, globs or directories, or None")
+
+    def _builtin_or_hf_tokenizer(self) -> TextTokenizer | None:
+        if self.tokenizer_name == "bytes":
+            return ByteTokenizer()
+        if self.tokenizer_name == "bpe":
+            return None  # trained (or loaded from the cache) in prepare_data/setup
+        return HFTokenizer(self.tokenizer_name)
+
+    # ---------------------------------------------------------------------------------------- tokenizer
+    @property
+    def vocab_size(self) -> int:
+        """Token ids are < vocab_size: 256 for bytes, bpe_vocab_size for BPE, len(tokenizer) otherwise."""
+        if self.tokenizer_name == "bpe":
+            return self.bpe_vocab_size
+        assert self._tokenizer is not None
+        return self._tokenizer.vocab_size
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        """The tokenizer (for BPE: available after prepare_data/setup)."""
+        if self._tokenizer is None:
+            raise RuntimeError(
+                "the BPE tokenizer is trained or loaded in prepare_data()/setup(); call setup() first"
+            )
+        return self._tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`."""
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of token ids."""
+        return self.tokenizer.decode(ids)
+
+    # ------------------------------------------------------------------------------------- preparation
+    def prepare_data(self) -> None:
+        """Tokenise the corpus once into the cache (and train the BPE tokenizer); later calls reuse it."""
+        self._prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open the token memmaps and build the train/val window datasets (preparing them if needed)."""
+        if self.train_dataset is not None:
+            return
+        train, val = self._prepare()
+        offset = int(np.random.default_rng(self.seed).integers(self.block_size))
+        self.train_dataset = TokenWindows(train, self.block_size, offset=offset)
+        self.val_dataset = TokenWindows(val, self.block_size)
+
+    def _prepare(self) -> tuple[TokenSpan, TokenSpan]:
+        if self._spans is None:
+            bin_source = resolve_bin_source(self.sources) if self.sources is not None else None
+            self._spans = self._prepare_bin(bin_source) if bin_source else self._prepare_text()
+            self._check_split_lengths(*self._spans)
+        return self._spans
+
+    def _prepare_text(self) -> tuple[TokenSpan, TokenSpan]:
+        identity, pieces, describe = self._text_source()
+        folder = self.cache_dir / f"{self.tokenizer_name.replace('/', '_')[-40:]}-{self._cache_key(identity)}"
+        self.cache_path = folder
+        meta = self._read_cache(folder)
+        self.cache_hit = meta is not None
+        if meta is None:
+            log.info("tokenising %s into %s", describe, folder)
+            meta = self._tokenise_to_cache(folder, pieces, describe)
+        else:
+            log.info("reusing the token cache %s", folder)
+        if self.tokenizer_name == "bpe":
+            self._tokenizer = BPETokenizer.from_file(folder / "tokenizer.json", self.bpe_vocab_size)
+        return self._split_stream(TokenSpan(folder / "tokens.bin", meta["dtype"], 0, meta["n_tokens"]))
+
+    def _text_source(self) -> tuple[Any, Callable[[], Iterator[str]], str]:
+        """(cache identity, a factory of corpus pieces, a description for messages) of a text source."""
+        return self._dataset_source() if self.dataset_name is not None else self._file_source()
+
+    def _dataset_source(self) -> tuple[Any, Callable[[], Iterator[str]], str]:
+        name, config, column = str(self.dataset_name), self.dataset_config, self.text_column
+        dataset = functools.cache(
+            lambda: load_text_dataset(name, config, self.streaming)
+        )  # loaded on first use
+
+        def pieces() -> Iterator[str]:
+            return corpus_pieces(iter_dataset_texts(dataset(), column, name), self.max_chars)
+
+        return (
+            dataset_identity(name, config, column),
+            pieces,
+            f"dataset_name={name!r} (text_column={column!r})",
+        )
+
+    def _file_source(self) -> tuple[Any, Callable[[], Iterator[str]], str]:
+        files = default_corpus_files() if self.sources is None else resolve_text_files(self.sources)
+        if not files:
+            raise FileNotFoundError("the default corpus (the standard library's *.py files) was not found")
+        shown = ", ".join(repr(str(f)) for f in files[:5]) + (
+            f" and {len(files) - 5} more" if len(files) > 5 else ""
+        )
+
+        def pieces() -> Iterator[str]:
+            return corpus_pieces(iter_file_texts(files), self.max_chars)
+
+        return [file_identity(f) for f in files], pieces, f"the files {shown}"
+
+    def _cache_key(self, source_identity: Any) -> str:
+        tokenizer = (
+            self._tokenizer.identity() if isinstance(self._tokenizer, HFTokenizer) else self.tokenizer_name
+        )
+        spec = {
+            "version": CACHE_VERSION,
+            "source": source_identity,
+            "max_chars": self.max_chars,
+            "tokenizer": tokenizer,
+        }
+        if self.tokenizer_name == "bpe":  # BPE is trained on the training split, so the split matters
+            spec.update(bpe_vocab_size=self.bpe_vocab_size, val_fraction=self.val_fraction)
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+    def _read_cache(self, folder: Path) -> dict[str, Any] | None:
+        """The cache's metadata when its files are complete, else None."""
+        try:
+            meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+            complete = (folder / "tokens.bin").stat().st_size == meta["n_tokens"] * np.dtype(
+                meta["dtype"]
+            ).itemsize
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if self.tokenizer_name == "bpe":
+            complete = complete and (folder / "tokenizer.json").is_file()
+        return meta if complete else None
+
+    def _tokenise_to_cache(
+        self, folder: Path, pieces: Callable[[], Iterator[str]], describe: str
+    ) -> dict[str, Any]:
+        folder.mkdir(parents=True, exist_ok=True)
+        tokenizer = (
+            self._train_bpe(folder, pieces, describe) if self.tokenizer_name == "bpe" else self.tokenizer
+        )
+        dtype = token_dtype(self.vocab_size)
+        with _atomic_path(folder / "tokens.bin") as tmp, tmp.open("wb") as out:
+            n_tokens = 0
+            for batch in _batches(pieces(), _ENCODE_BATCH_CHARS):
+                ids = tokenizer.encode_array(batch)
+                ids.astype(dtype).tofile(out)
+                n_tokens += len(ids)
+            if n_tokens == 0:
+                raise self._no_text_error(describe)
+        meta = {
+            "n_tokens": n_tokens,
+            "dtype": dtype,
+            "vocab_size": self.vocab_size,
+            "tokenizer": self.tokenizer_name,
+        }
+        _write_text_atomic(
+            folder / "meta.json", json.dumps(meta, indent=1)
+        )  # written last: marks completeness
+        return meta
+
+    def _train_bpe(self, folder: Path, pieces: Callable[[], Iterator[str]], describe: str) -> BPETokenizer:
+        total_chars = sum(len(piece) for piece in pieces())
+        if total_chars == 0:
+            raise self._no_text_error(describe)
+        train_chars = int(total_chars * (1.0 - self.val_fraction))
+        log.info("training a %d-token byte-level BPE on %d characters", self.bpe_vocab_size, train_chars)
+        trained = train_bpe(take_chars(pieces(), train_chars), self.bpe_vocab_size)
+        _write_text_atomic(folder / "tokenizer.json", trained.to_str())
+        return BPETokenizer(trained, self.bpe_vocab_size)
+
+    @staticmethod
+    def _no_text_error(describe: str) -> ValueError:
+        return ValueError(f"no text in {describe}: they are empty, binary or not UTF-8")
+
+    def _prepare_bin(self, source: BinSource) -> tuple[TokenSpan, TokenSpan]:
+        self.cache_hit, self.cache_path = None, None
+        if self.tokenizer_name == "bpe":
+            self._tokenizer = self._bpe_beside(source.train)
+        train = self._bin_span(source.train)
+        if source.val is None:
+            return self._split_stream(train)
+        return train, self._bin_span(source.val)
+
+    def _bpe_beside(self, train_bin: Path) -> BPETokenizer:
+        path = train_bin.parent / "tokenizer.json"
+        if not path.is_file():
+            raise ValueError(
+                f"tokenizer='bpe' with the .bin source {str(train_bin)!r} needs the tokenizer that made it: put its "
+                f"tokenizer.json at {str(path)!r}, or set tokenizer to 'bytes', a tokenizer directory or a hub name "
+                "(e.g. 'gpt2' for nanoGPT's GPT-2 tokens)"
+            )
+        return BPETokenizer.from_file(path, self.bpe_vocab_size)
+
+    def _bin_span(self, path: Path) -> TokenSpan:
+        itemsize = np.dtype(self.bin_dtype).itemsize
+        size = path.stat().st_size
+        if size == 0 or size % itemsize:
+            raise ValueError(
+                f"{str(path)!r} has {size} bytes, not a positive multiple of {itemsize} "
+                f"(bin_dtype={self.bin_dtype!r}); is it a token file of that dtype?"
+            )
+        span = TokenSpan(path, self.bin_dtype, 0, size // itemsize)
+        max_id = self._max_token(span)
+        if max_id >= self.vocab_size:
+            raise ValueError(
+                f"{str(path)!r} holds token id {max_id}, but tokenizer={self.tokenizer_name!r} has vocab_size="
+                f"{self.vocab_size}; use the tokenizer that produced the file (e.g. 'gpt2'), or check bin_dtype"
+            )
+        return span
+
+    @staticmethod
+    def _max_token(span: TokenSpan) -> int:
+        tokens = span.tokens()
+        return max(int(tokens[i : i + _COUNT_CHUNK].max()) for i in range(0, len(tokens), _COUNT_CHUNK))
+
+    def _split_stream(self, stream: TokenSpan) -> tuple[TokenSpan, TokenSpan]:
+        """Train = the first (1 - val_fraction) of the tokens, val = the rest."""
+        boundary = stream.end - int(len(stream) * self.val_fraction)
+        return (
+            TokenSpan(stream.path, stream.dtype, stream.begin, boundary),
+            TokenSpan(stream.path, stream.dtype, boundary, stream.end),
+        )
+
+    def _check_split_lengths(self, train: TokenSpan, val: TokenSpan) -> None:
+        need = self.block_size + 1
+        if len(train) < need or len(val) < need:
+            raise ValueError(
+                f"the corpus is too short: train has {len(train)} tokens and val {len(val)}, but each split needs "
+                f"at least block_size + 1 = {need} tokens (one window). Use a smaller block_size (now "
+                f"{self.block_size}), change val_fraction (now {self.val_fraction}), or add text"
+            )
+
+    # -------------------------------------------------------------------------------------- dataloaders
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training windows, sharded by rank, resumable mid-epoch (see datamodules/resumable.py)."""
+        dataset = self._dataset("train")
+        world = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
+        rank = getattr(self.trainer, "global_rank", 0) if self.trainer is not None else 0
+        drop_last = self.drop_last and len(dataset) // max(world, 1) >= self.batch_size
+        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        loader = ResumableDataLoader(
+            dataset, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last, **self._loader_kwargs()
+        )
+        loader.trainer = self.trainer
+        return loader
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation windows in order; the last partial batch is kept."""
+        return self._loader(self._dataset("val"), shuffle=False, drop_last=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """The validation windows."""
+        return self.val_dataloader()
+
+    def _dataset(self, split: str) -> TokenWindows:
+        if split not in ("train", "val"):
+            raise ValueError(f"split={split!r} must be 'train' or 'val'")
+        self.setup()
+        dataset = self.train_dataset if split == "train" else self.val_dataset
+        assert dataset is not None
+        return dataset
+
+    def predict_dataloader(self) -> DataLoader:
+        """The `predict_prompts`, tokenised, one per batch (prompts differ in length)."""
+        self.setup()
+        prompts = [torch.tensor(self.encode(p) or [0], dtype=torch.long) for p in self.predict_prompts]
+        return DataLoader(prompts, batch_size=1)
+
+    def _loader(self, dataset: TokenWindows, shuffle: bool, drop_last: bool) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=drop_last, **self._loader_kwargs()
+        )
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"num_workers": self.num_workers, "pin_memory": self._use_pin_memory()}
+        if self.num_workers > 0:
+            kwargs["persistent_workers"] = self.persistent_workers
+            if self.prefetch_factor is not None:
+                kwargs["prefetch_factor"] = self.prefetch_factor
+        return kwargs
+
+    def _use_pin_memory(self) -> bool:
+        if self.pin_memory is not None:
+            return self.pin_memory
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
+
+    # ------------------------------------------------------------------------------------------ statistics
+    def unigram_entropy(self, split: str = "val") -> float:
+        """Entropy (nats/token) of the split's unigram token distribution: the loss of a model that ignores
+        context."""
+        tokens = self._dataset(split).tokens
+        counts = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(0, len(tokens), _COUNT_CHUNK):
+            counts += np.bincount(tokens[i : i + _COUNT_CHUNK], minlength=self.vocab_size)
+        probs = counts[counts > 0] / counts.sum()
+        return float(-(probs * np.log(probs)).sum())

@@ -1,0 +1,96 @@
+"""train.py end to end in a subprocess: fit, validate, test, predict, --print_config, bad keys."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "gpt2" / "tiny.yaml"
+# Shrink the main job to seconds: few steps, a small slice of the embedded corpus, a small BPE.
+FAST = [
+    "--trainer.max_steps=6",
+    "--trainer.val_check_interval=3",
+    "--trainer.limit_val_batches=2",
+    "--trainer.log_every_n_steps=1",
+    "--data.init_args.max_chars=150000",
+    "--data.init_args.bpe_vocab_size=512",
+    "--data.init_args.batch_size=4",
+    "--data.init_args.block_size=32",
+    "--data.init_args.num_workers=0",
+    "--model.init_args.warmup_steps=2",
+    "--model.init_args.sample_tokens=8",
+]
+
+
+def run_train(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"train.py {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        )
+    return result
+
+
+@pytest.fixture(scope="module")
+def fitted_run(tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("fit")
+    run_train(cwd, "fit", "--config", str(TINY), *FAST)
+    return cwd
+
+
+def test_fit_writes_events_checkpoints_config_and_sample(fitted_run):
+    run_dir = fitted_run / "lightning_logs" / "version_0"
+    assert list(run_dir.glob("events.out.tfevents.*")), "no TensorBoard events"
+    assert (run_dir / "config.yaml").is_file(), "resolved config not saved in the log directory"
+    checkpoints = list((run_dir / "checkpoints").glob("*.ckpt"))
+    assert any(p.name == "last.ckpt" for p in checkpoints) and len(checkpoints) >= 2
+    samples = (run_dir / "samples.txt").read_text()
+    assert "=== step 3 ===" in samples and "=== step 6 ===" in samples
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 6
+    assert state["hyper_parameters"]["config"]["vocab_size"] == 512  # linked from the data
+
+
+def test_tensorboard_has_losses_lr_and_sample(fitted_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = fitted_run / "lightning_logs" / "version_0"
+    events = EventAccumulator(str(run_dir), size_guidance={"tensors": 0, "scalars": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "val/ppl", "train/tokens_seen"} <= scalars
+    assert any(tag.startswith("lr-") for tag in scalars)
+    assert any("samples" in tag for tag in events.Tags()["tensors"])
+
+
+def test_validate_test_and_predict_from_checkpoint(fitted_run):
+    ckpt = fitted_run / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    for command in ("validate", "test", "predict"):
+        result = run_train(fitted_run, command, "--config", str(TINY), *FAST, f"--ckpt_path={ckpt}")
+        assert result.returncode == 0
+
+
+def test_several_configs_compose_in_order(tmp_path):
+    override = tmp_path / "override.yaml"
+    override.write_text("model:\n  init_args:\n    warmup_steps: 7\ntrainer:\n  max_steps: 3\n")
+    out = run_train(
+        tmp_path, "fit", "--config", str(TINY), "--config", str(override), "--print_config"
+    ).stdout
+    assert "warmup_steps: 7" in out and "max_steps: 3" in out
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+    result = run_train(
+        tmp_path, "fit", "--config", str(TINY), "--model.init_args.config.n_layerz=3", check=False
+    )
+    assert result.returncode != 0
+    assert "n_layerz" in result.stderr
