@@ -13,23 +13,37 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from callbacks import ExactResume
+from callbacks.checkpoint_io import load_checkpoint_file
+
 
 def _vocab_size_of(datamodule: Any) -> int | None:
     return getattr(datamodule, "vocab_size", None)
 
 
 class CollectionCLI(LightningCLI):
-    """LightningCLI with always-on checkpointing and LR monitoring, and the data's vocab linked to the model."""
+    """LightningCLI with always-on checkpointing, LR monitoring and RNG state in checkpoints, and the data's
+    vocabulary size linked to the model."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # Forced callbacks: present in every run and configurable as --checkpoint.* / --lr_monitor.*
+        # Forced callbacks: present in every run, configurable as --checkpoint.*, --lr_monitor.*, --exact_resume.*
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.add_lightning_class_args(ExactResume, "exact_resume")
         parser.link_arguments(
             "data", "model.init_args.vocab_size", compute_fn=_vocab_size_of, apply_on="instantiate"
         )
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads --ckpt_path with a bare torch.load to restore hyper-parameters; read it through
+        # our loader first so a truncated or corrupted file is a clear error naming it, not a zip trace.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            load_checkpoint_file(ckpt_path, weights_only=True)
+        super()._parse_ckpt_path()
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> CollectionCLI:

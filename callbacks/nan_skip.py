@@ -9,11 +9,12 @@ or gradient, and if so all of them drop their gradients, so weights and optimize
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+
+from lightning_modules.common.paths import run_dir
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class SkipNonFiniteSteps(pl.Callback):
             for p in group["params"]:
                 p.grad = None
         if self.max_consecutive_skips and self.consecutive_skips >= self.max_consecutive_skips:
-            path = Path(trainer.log_dir or trainer.default_root_dir) / self.abort_checkpoint
+            path = run_dir(trainer) / self.abort_checkpoint
             trainer.save_checkpoint(path)
             raise NonFiniteStepError(
                 f"{self.consecutive_skips} consecutive non-finite steps up to step {trainer.global_step} "

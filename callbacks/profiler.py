@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function, schedule, tensorboard_trace_handler
 
+from lightning_modules.common.paths import run_dir
+
 log = logging.getLogger(__name__)
 
 CATEGORY_PREFIX = "module::"
@@ -79,7 +81,7 @@ class StepWindowProfiler(pl.Callback):
         return self.wait + self.warmup + self.active
 
     def _out_dir(self, trainer: pl.Trainer) -> Path:
-        return Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "profiler")
+        return Path(self.output_dir) if self.output_dir else run_dir(trainer) / "profiler"
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

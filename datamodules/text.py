@@ -526,7 +526,13 @@ class TextDataModule(LightningDataModule):
         )
 
     def _loader_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"num_workers": self.num_workers, "pin_memory": self._use_pin_memory()}
+        kwargs: dict[str, Any] = {
+            "num_workers": self.num_workers,
+            "pin_memory": self._use_pin_memory(),
+            # A private generator: creating an iterator draws worker seeds from it, never from the global
+            # RNG, so validation and resumes don't shift the random stream dropout uses.
+            "generator": torch.Generator().manual_seed(self.seed),
+        }
         if self.num_workers > 0:
             kwargs["persistent_workers"] = self.persistent_workers
             if self.prefetch_factor is not None:

@@ -1,44 +1,11 @@
 """train.py end to end in a subprocess: fit, validate, test, predict, --print_config, bad keys."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "gpt2" / "tiny.yaml"
-# Shrink the main job to seconds: few steps, a small slice of the embedded corpus, a small BPE.
-FAST = [
-    "--trainer.max_steps=6",
-    "--trainer.val_check_interval=3",
-    "--trainer.limit_val_batches=2",
-    "--trainer.log_every_n_steps=1",
-    "--data.init_args.max_chars=150000",
-    "--data.init_args.bpe_vocab_size=512",
-    "--data.init_args.batch_size=4",
-    "--data.init_args.block_size=32",
-    "--data.init_args.num_workers=0",
-    "--model.init_args.warmup_steps=2",
-    "--model.init_args.sample_tokens=8",
-]
-
-
-def run_train(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"train.py {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-        )
-    return result
+from tests.helpers.cli import FAST, TINY, run_train
 
 
 @pytest.fixture(scope="module")

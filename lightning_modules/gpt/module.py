@@ -20,6 +20,7 @@ from lightning_modules.common.optim import (
     default_adamw,
     warmup_cosine_lambda,
 )
+from lightning_modules.common.paths import run_dir
 from lightning_modules.gpt.config import TRAINING_ONLY_FIELDS, GPTConfig
 from lightning_modules.gpt.model import GPT
 
@@ -200,9 +201,10 @@ class GPTLightningModule(pl.LightningModule):
             if hasattr(experiment, "add_text"):
                 # TensorBoard renders markdown: a code block keeps whitespace and newlines.
                 experiment.add_text("samples/generated", f"```\n{text}\n```", global_step=step)
-        if self.trainer.log_dir:
-            with open(Path(self.trainer.log_dir) / "samples.txt", "a", encoding="utf-8") as f:
-                f.write(f"=== step {step} ===\n{text}\n\n")
+        directory = run_dir(self.trainer)
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / "samples.txt", "a", encoding="utf-8") as f:
+            f.write(f"=== step {step} ===\n{text}\n\n")
         log.info("sample at step %d:\n%s", step, text)
 
     def measure_flops_per_batch(self, batch: tuple[torch.Tensor, ...]) -> int:

@@ -1,0 +1,252 @@
+"""SPD losses as plain functions (total = sum_k coeff_k * loss_k).
+
+Notation: ci = lower-leaky causal importances {module: (..., C)}, ci_upper = upper-leaky ones,
+Delta = W_target - (V U)^T, r ~ U(0, 1), masks m = ci + (1 - ci) r (fresh for every term and sample).
+Output losses: 'mse' = sum (y - y_hat)^2 / numel; 'kl' = KL(softmax(target) || softmax(pred)) summed
+over the last (vocab) dim and averaged over the other (token) dims.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .component_model import (
+    ComponentModel,
+    Sampling,
+    WeightDeltaAndMask,
+    stochastic_masks,
+    uniform_k_subset_routing_masks,
+    weight_delta_masks,
+)
+
+OutputLossType = Literal["mse", "kl"]
+
+
+def output_recon_loss(pred: Tensor, target: Tensor, output_loss_type: OutputLossType) -> Tensor:
+    """mse: sum (pred - target)^2 / numel;  kl: mean over tokens of sum_v p_t (log p_t - log p_pred)."""
+    if output_loss_type == "mse":
+        return (pred - target).pow(2).sum() / pred.numel()
+    if output_loss_type == "kl":
+        log_q = torch.log_softmax(pred.float(), dim=-1)  # (..., vocab)
+        log_p = torch.log_softmax(target.float(), dim=-1)
+        return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    raise ValueError(f"unknown output_loss_type {output_loss_type!r}; valid: ['mse', 'kl']")
+
+
+def annealed_p(
+    step_frac: float, p_start: float, p_end: float | None, start_frac: float = 1.0, end_frac: float = 1.0
+) -> float:
+    """p_start before start_frac, p_end after end_frac, linear in between (p_start if p_end is None)."""
+    if p_end is None or step_frac < start_frac:
+        return p_start
+    if step_frac >= end_frac:
+        return p_end
+    return p_start + (p_end - p_start) * (step_frac - start_frac) / (end_frac - start_frac)
+
+
+def importance_minimality_loss(
+    ci_upper: dict[str, Tensor], p: float, eps: float = 1e-12, beta: float = 0.0
+) -> Tensor:
+    """sum_layers sum_c mean_batch (ci_upper + eps)^p  (times 1 + beta log2(1 + sum_batch) if beta)."""
+    total = torch.zeros((), device=next(iter(ci_upper.values())).device)
+    for ci in ci_upper.values():
+        powered = (ci + eps).pow(p).flatten(0, -2)  # (n, C)
+        per_component_mean = powered.mean(0)  # (C,)
+        if beta:
+            per_component_mean = per_component_mean * (1 + beta * torch.log2(1 + powered.sum(0)))
+        total = total + per_component_mean.sum()
+    return total
+
+
+def faithfulness_loss(weight_deltas: dict[str, Tensor]) -> Tensor:
+    """sum_layers sum Delta^2 / sum_layers numel(Delta)."""
+    sq = sum(d.pow(2).sum() for d in weight_deltas.values())
+    return sq / sum(d.numel() for d in weight_deltas.values())
+
+
+def _deltas_for(
+    ci: dict[str, Tensor], weight_deltas: dict[str, Tensor] | None, generator: torch.Generator | None
+) -> dict[str, WeightDeltaAndMask] | None:
+    """Per-example delta masks r ~ U(0, 1), or None when the delta component is off."""
+    return None if weight_deltas is None else weight_delta_masks(ci, weight_deltas, generator)
+
+
+def stochastic_recon_loss(
+    model: ComponentModel,
+    batch: Tensor,
+    target_out: Tensor,
+    ci: dict[str, Tensor],
+    weight_deltas: dict[str, Tensor] | None = None,
+    sampling: Sampling = "continuous",
+    n_mask_samples: int = 1,
+    output_loss_type: OutputLossType = "mse",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """mean_samples L(model(x; all modules masked by m, + r Delta), target_out)."""
+    total = 0.0
+    for _ in range(n_mask_samples):
+        masks = stochastic_masks(ci, sampling, generator)
+        out = model(batch, masks=masks, weight_deltas_and_masks=_deltas_for(ci, weight_deltas, generator))
+        total = total + output_recon_loss(out, target_out, output_loss_type)
+    return total / n_mask_samples
+
+
+def stochastic_recon_layerwise_loss(
+    model: ComponentModel,
+    batch: Tensor,
+    target_out: Tensor,
+    ci: dict[str, Tensor],
+    weight_deltas: dict[str, Tensor] | None = None,
+    sampling: Sampling = "continuous",
+    n_mask_samples: int = 1,
+    output_loss_type: OutputLossType = "mse",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """mean over samples and modules l of L(model(x; only l masked, others the target), target_out)."""
+    total, n = 0.0, 0
+    for _ in range(n_mask_samples):
+        masks = stochastic_masks(ci, sampling, generator)
+        deltas = _deltas_for(ci, weight_deltas, generator)
+        for name in ci:
+            one_delta = None if deltas is None else {name: deltas[name]}
+            out = model(batch, masks={name: masks[name]}, weight_deltas_and_masks=one_delta)
+            total = total + output_recon_loss(out, target_out, output_loss_type)
+            n += 1
+    return total / n
+
+
+def stochastic_recon_subset_loss(
+    model: ComponentModel,
+    batch: Tensor,
+    target_out: Tensor,
+    ci: dict[str, Tensor],
+    weight_deltas: dict[str, Tensor] | None = None,
+    sampling: Sampling = "continuous",
+    n_mask_samples: int = 1,
+    output_loss_type: OutputLossType = "mse",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Like stochastic_recon_loss, but per position a random k-subset of modules (k ~ U{1..L}) uses
+    components and the rest the target."""
+    total = 0.0
+    names = list(ci)
+    lead_shape = next(iter(ci.values())).shape[:-1]
+    device = next(iter(ci.values())).device
+    for _ in range(n_mask_samples):
+        masks = stochastic_masks(ci, sampling, generator)
+        deltas = _deltas_for(ci, weight_deltas, generator)
+        routing = uniform_k_subset_routing_masks(names, lead_shape, device, generator)
+        out = model(batch, masks=masks, weight_deltas_and_masks=deltas, routing_masks=routing)
+        total = total + output_recon_loss(out, target_out, output_loss_type)
+    return total / n_mask_samples
+
+
+def ci_masked_recon_loss(
+    model: ComponentModel,
+    batch: Tensor,
+    target_out: Tensor,
+    ci: dict[str, Tensor],
+    output_loss_type: OutputLossType = "mse",
+) -> Tensor:
+    """L(model(x; all modules masked by m = ci, no delta), target_out)."""
+    return output_recon_loss(model(batch, masks=ci), target_out, output_loss_type)
+
+
+def unmasked_recon_loss(
+    model: ComponentModel,
+    batch: Tensor,
+    target_out: Tensor,
+    output_loss_type: OutputLossType = "mse",
+) -> Tensor:
+    """L(model(x; all modules run V U with mask 1, no delta), target_out)."""
+    ones = {
+        name: torch.ones(C, device=model.component(name).V.device, dtype=model.component(name).V.dtype)
+        for name, C in model.module_to_c.items()
+    }
+    return output_recon_loss(model(batch, masks=ones), target_out, output_loss_type)
+
+
+def pgd_recon_loss(
+    model: ComponentModel,
+    batch: Tensor,
+    target_out: Tensor,
+    ci: dict[str, Tensor],
+    weight_deltas: dict[str, Tensor] | None = None,
+    n_steps: int = 1,
+    step_size: float = 0.1,
+    init: Literal["random", "ones", "zeros"] = "random",
+    mask_scope: Literal["unique_per_datapoint", "shared_across_batch"] = "unique_per_datapoint",
+    output_loss_type: OutputLossType = "mse",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Adversarial masks: sources s in [0, 1] (one extra for the delta), n_steps of s += step sign(dL/ds)
+    then clamp; loss L(model(x; m = ci + (1 - ci) s, delta mask s_delta), target_out)."""
+    ref = next(iter(ci.values()))
+    lead_shape = ref.shape[:-1]
+    src_lead = lead_shape if mask_scope == "unique_per_datapoint" else (1,) * len(lead_shape)
+    extra = 0 if weight_deltas is None else 1
+    sources: dict[str, Tensor] = {}
+    for name, c in ci.items():
+        shape = (*src_lead, c.shape[-1] + extra)
+        if init == "random":
+            s = torch.rand(shape, generator=generator, device=c.device, dtype=c.dtype)
+        elif init in ("ones", "zeros"):
+            s = torch.full(shape, 1.0 if init == "ones" else 0.0, device=c.device, dtype=c.dtype)
+        else:
+            raise ValueError(f"unknown PGD init {init!r}; valid: ['random', 'ones', 'zeros']")
+        sources[name] = s
+
+    def loss_at(srcs: dict[str, Tensor], ci_: dict[str, Tensor], deltas_: dict[str, Tensor] | None) -> Tensor:
+        masks, dm = {}, {} if deltas_ is not None else None
+        for name, c in ci_.items():
+            s = srcs[name].expand(*lead_shape, -1)
+            masks[name] = c + (1 - c) * s[..., : c.shape[-1]]
+            if dm is not None:
+                dm[name] = (deltas_[name], s[..., -1])
+        return output_recon_loss(
+            model(batch, masks=masks, weight_deltas_and_masks=dm), target_out, output_loss_type
+        )
+
+    # The inner steps only need d loss / d s, so they use detached ci and deltas (same values).
+    ci_d = {k: v.detach() for k, v in ci.items()}
+    deltas_d = None if weight_deltas is None else {k: v.detach() for k, v in weight_deltas.items()}
+    for _ in range(n_steps):
+        leaves = {k: v.detach().requires_grad_(True) for k, v in sources.items()}
+        with torch.enable_grad():
+            loss = loss_at(leaves, ci_d, deltas_d)
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+        sources = {
+            k: (v.detach() + step_size * g.sign()).clamp_(0.0, 1.0)
+            for (k, v), g in zip(leaves.items(), grads)
+        }
+    return loss_at(sources, ci, weight_deltas)
+
+
+def stochastic_hidden_acts_recon_loss(
+    model: ComponentModel,
+    batch: Tensor,
+    pre_weight_acts: dict[str, Tensor],
+    ci: dict[str, Tensor],
+    weight_deltas: dict[str, Tensor] | None = None,
+    sampling: Sampling = "continuous",
+    n_mask_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """sum over samples and modules of sum (input under masks - clean input)^2 / total numel
+    (modules with integer inputs, i.e. embeddings, are skipped)."""
+    total, n = 0.0, 0
+    for _ in range(n_mask_samples):
+        masks = stochastic_masks(ci, sampling, generator)
+        deltas = _deltas_for(ci, weight_deltas, generator)
+        cache = model(batch, masks=masks, weight_deltas_and_masks=deltas, cache_acts=True).cache
+        for name, clean in pre_weight_acts.items():
+            if not clean.is_floating_point():
+                continue
+            total = total + (cache[name] - clean).pow(2).sum()
+            n += clean.numel()
+    if n == 0:
+        return torch.zeros((), device=batch.device)
+    return total / n

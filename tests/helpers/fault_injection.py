@@ -1,0 +1,57 @@
+"""Test-only callbacks, loaded by train.py from YAML: inject non-finite gradients, record losses/weights."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+
+class PoisonGradients(pl.Callback):
+    """After backward at the given optimizer steps (on one rank, or all when rank is None), fill one
+    gradient with NaN. Runs after DDP's all-reduce, so only this rank sees the NaN."""
+
+    def __init__(self, steps: list[int], rank: int | None = None, value: float = float("nan")) -> None:
+        self.steps, self.rank, self.value = set(steps), rank, value
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step in self.steps and self.rank in (None, trainer.global_rank):
+            next(p for p in pl_module.parameters() if p.grad is not None).grad.fill_(self.value)
+
+
+class RecordTraining(pl.Callback):
+    """Write {step: loss} and {step: weight checksum after the step} to <out_dir>/rank<r>.json."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.losses: dict[int, float] = {}
+        self.checksums: dict[int, float] = {}
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
+    ) -> None:
+        step = trainer.global_step  # already incremented: this is the step just taken
+        self.losses[step] = float(outputs["loss"])
+        self.checksums[step] = float(sum(p.detach().double().sum() for p in pl_module.parameters()))
+        self._write(trainer)
+
+    def _write(self, trainer: pl.Trainer) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"rank{trainer.global_rank}.json"
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        finite = all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
+        tmp.write_text(
+            json.dumps({"losses": self.losses, "checksums": self.checksums, "finite": bool(finite)})
+        )
+        os.replace(tmp, path)
+
+
+def read_record(out_dir: Path, rank: int = 0) -> dict:
+    """The RecordTraining output of one rank, with integer step keys."""
+    data = json.loads((Path(out_dir) / f"rank{rank}.json").read_text())
+    data["losses"] = {int(k): v for k, v in data["losses"].items()}
+    data["checksums"] = {int(k): v for k, v in data["checksums"].items()}
+    return data
