@@ -7,6 +7,7 @@ python train.py fit --config configs/gpt2/tiny.yaml --print_config
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -15,6 +16,21 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks import ExactResume
 from callbacks.checkpoint_io import load_checkpoint_file
+
+
+def require_strategy_packages(strategy: Any) -> None:
+    """Fail before anything is built when a preset needs an optional package that is missing."""
+    name = (
+        strategy
+        if isinstance(strategy, str)
+        else getattr(strategy, "class_path", None)
+        or (strategy.get("class_path") if isinstance(strategy, dict) else None)
+    )
+    if name and "deepspeed" in str(name).lower() and importlib.util.find_spec("deepspeed") is None:
+        raise ValueError(
+            f'trainer.strategy={name!r} needs the deepspeed package: pip install -e ".[deepspeed]" '
+            "(or choose another preset: ddp, fsdp)"
+        )
 
 
 def _vocab_size_of(datamodule: Any) -> int | None:
@@ -35,6 +51,10 @@ class CollectionCLI(LightningCLI):
         parser.link_arguments(
             "data", "model.init_args.vocab_size", compute_fn=_vocab_size_of, apply_on="instantiate"
         )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.config.get("subcommand") or "", self.config)
+        require_strategy_packages(config.get("trainer", {}).get("strategy"))
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads --ckpt_path with a bare torch.load to restore hyper-parameters; read it through

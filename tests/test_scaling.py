@@ -1,0 +1,63 @@
+"""Scaling out on CPU: 2-process DDP (gloo) through train.py against one process with the same global batch."""
+
+from pathlib import Path
+
+from tests.helpers.cli import FAST, ROOT, TINY, run_train, write_yaml
+from tests.helpers.fault_injection import read_record
+
+DDP_CPU = ROOT / "configs" / "trainer" / "ddp_cpu.yaml"
+
+
+def record_yaml(run_dir: Path) -> Path:
+    return write_yaml(
+        run_dir / "rec.yaml",
+        "trainer:\n  callbacks+:\n    - class_path: tests.helpers.fault_injection.RecordTraining\n"
+        f"      init_args:\n        out_dir: {run_dir / 'record'}\n",
+    )
+
+
+def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    common = [*FAST, "--trainer.max_steps=6", "--model.init_args.lr_decay_steps=6"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    single.mkdir(), ddp.mkdir()
+    # global batch 8: one process x 8, or two ranks x 4 (the sharded sampler splits the same 8 windows)
+    run_train(
+        single,
+        "fit",
+        "--config",
+        str(TINY),
+        "--config",
+        str(record_yaml(single)),
+        *common,
+        "--data.init_args.batch_size=8",
+    )
+    run_train(
+        ddp,
+        "fit",
+        "--config",
+        str(TINY),
+        "--config",
+        str(DDP_CPU),
+        "--config",
+        str(record_yaml(ddp)),
+        *common,
+        "--data.init_args.batch_size=4",
+        timeout=900,
+    )
+    one, rank0, rank1 = (
+        read_record(single / "record"),
+        read_record(ddp / "record", 0),
+        read_record(ddp / "record", 1),
+    )
+    assert rank0["checksums"] == rank1["checksums"]  # DDP keeps the replicas identical
+    for step in range(1, 7):  # and they follow the single-process run (float reduction order aside)
+        assert abs(rank0["checksums"][step] - one["checksums"][step]) < 1e-3 * (
+            1 + abs(one["checksums"][step])
+        )
+    mean_first_loss = (rank0["losses"][1] + rank1["losses"][1]) / 2
+    assert abs(mean_first_loss - one["losses"][1]) < 1e-4  # the two halves of the same global batch
+    # one run directory, one set of TensorBoard events, checkpoints written once (rank 0)
+    runs = list((ddp / "lightning_logs").iterdir())
+    assert [r.name for r in runs] == ["version_0"]
+    assert len(list(runs[0].glob("events.out.tfevents.*"))) == 1
+    assert (runs[0] / "checkpoints" / "last.ckpt").is_file()
