@@ -167,3 +167,44 @@ def test_module_started_from_weights_reloads_from_its_own_checkpoint(tmp_path):
     reloaded = GPTLightningModule.load_from_checkpoint(tmp_path / "second.ckpt")
     x = torch.randint(0, 64, (1, 8))
     torch.testing.assert_close(reloaded(x), second(x))
+
+
+def test_batch_report_accounts_for_devices_and_accumulation():
+    from types import SimpleNamespace
+
+    from lightning_modules.common.batch import describe_batch
+
+    trainer = SimpleNamespace(
+        datamodule=SimpleNamespace(batch_size=4, block_size=32), world_size=2, accumulate_grad_batches=3
+    )
+    info = describe_batch(trainer)
+    assert info["global_batch"] == 24 and info["tokens_per_step"] == 24 * 32
+    assert describe_batch(SimpleNamespace(datamodule=None)) is None
+
+
+@pytest.mark.slow
+def test_compile_in_configure_model_keeps_checkpoints_loadable_uncompiled(tmp_path):
+    module = GPTLightningModule(GPTConfig(**TINY), compile=True, sample_tokens=0)
+    trainer = quiet_trainer(tmp_path, max_steps=3)
+    trainer.fit(module, one_batch_loader())
+    trainer.save_checkpoint(tmp_path / "compiled.ckpt")
+    state = torch.load(tmp_path / "compiled.ckpt", weights_only=True)
+    assert not [k for k in state["state_dict"] if "_orig_mod" in k]
+    plain = GPTLightningModule.load_from_checkpoint(tmp_path / "compiled.ckpt")
+    x = torch.randint(0, 64, (2, 16))
+    module.eval()
+    torch.testing.assert_close(plain(x), module(x), atol=1e-4, rtol=1e-4)
+
+
+def test_data_block_size_beyond_model_positions_fails_before_training(tmp_path):
+    from datamodules import TextDataModule
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    data = TextDataModule(
+        sources=str(corpus), tokenizer="bytes", block_size=64, batch_size=2, cache_dir=str(tmp_path / "cache")
+    )
+    module = GPTLightningModule(GPTConfig(**TINY), vocab_size=data.vocab_size)  # positions: 32
+    with pytest.raises(ValueError, match=r"block_size=64 exceeds the model's positions \(block_size=32\)"):
+        quiet_trainer(tmp_path, max_steps=1).fit(module, datamodule=data)
+    assert module.tokens_seen.item() == 0  # nothing trained

@@ -14,6 +14,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import MeanMetric
 
+from lightning_modules.common.batch import report_batch
 from lightning_modules.common.optim import (
     build_optimizer,
     decay_param_groups,
@@ -119,15 +120,18 @@ class GPTLightningModule(pl.LightningModule):
                 "link data.vocab_size to the model or use a smaller tokenizer"
             )
 
+    def on_train_start(self) -> None:
+        report_batch(self.trainer, self)
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """Next-token cross-entropy; logits (b, s, vocab), targets (b, s); optional per-token clamp."""
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy; logits (b, s, vocab), targets (b, s); optional per-token clamp."""
         per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
         if self.hparams.loss_clamp is not None:
             per_token = per_token.clamp(max=self.hparams.loss_clamp)
-        return per_token.sum() if reduction == "sum" else per_token.mean()
+        return per_token.mean()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
