@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,7 +21,8 @@ from lightning_modules.common.optim import (
     warmup_cosine_lambda,
 )
 from lightning_modules.common.paths import run_dir
-from lightning_modules.gpt.config import TRAINING_ONLY_FIELDS, GPTConfig
+from lightning_modules.gpt.checkpoint import load_gpt_weights, training_fields
+from lightning_modules.gpt.config import GPTConfig
 from lightning_modules.gpt.model import GPT
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class GPTLightningModule(pl.LightningModule):
             if vocab_size is not None and vocab_size != config.vocab_size:
                 config = dataclasses.replace(config, vocab_size=vocab_size, padded_vocab_size=None)
             return GPT(config)
-        model = load_gpt_weights(init_from, training_overrides=_training_fields(config))
+        model = load_gpt_weights(init_from, training_overrides=training_fields(config))
         if vocab_size is not None and vocab_size > model.config.padded_vocab_size:
             raise ValueError(
                 f"the tokenizer has {vocab_size} tokens but the model from {init_from!r} embeds only "
@@ -241,30 +241,3 @@ class GPTLightningModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["gpt_architecture"] = self.config.architecture()
-
-
-def _training_fields(config: GPTConfig) -> dict[str, Any]:
-    return {name: getattr(config, name) for name in TRAINING_ONLY_FIELDS}
-
-
-def load_gpt_weights(path: str, training_overrides: dict[str, Any] | None = None) -> GPT:
-    """A GPT from a local `transformers` GPT-2 directory or one of our Lightning `.ckpt` files."""
-    source = Path(path)
-    overrides = training_overrides or {}
-    if source.is_dir():
-        return GPT.from_hf(source, **overrides)
-    if not source.is_file():
-        raise FileNotFoundError(
-            f"init_from={path!r} does not exist; give a Lightning .ckpt file or a transformers model directory"
-        )
-    checkpoint = torch.load(source, map_location="cpu", weights_only=False)
-    arch = checkpoint.get("gpt_architecture")
-    if arch is None:
-        raise ValueError(f"{path!r} is not a GPT checkpoint of this project (no 'gpt_architecture' saved)")
-    model = GPT(GPTConfig(**{**arch, **overrides}))
-    state = {
-        k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")
-    }
-    state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
-    model.load_state_dict(state)
-    return model

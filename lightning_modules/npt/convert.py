@@ -1,0 +1,443 @@
+"""Convert chosen layers of a target LM into NPT layers, load targets, and run teacher / student passes.
+
+Targets (``family``): ``"gpt"`` our GPT (GELU or SwiGLU MLP), ``"gpt2"`` `transformers`' GPT2LMHeadModel
+(Conv1D weights (in, out), ``c_fc`` bias), ``"llama"`` `transformers`' LlamaForCausalLM (RoPE, causal
+mask, GQA). Each converted block is replaced in the model's own layer list by an :class:`NPTLayer`
+wrapping it, so the target's forward still computes embeddings, RoPE tables and masks. Base weights are
+frozen; only the NP components train. Pure PyTorch (no Lightning).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_modules.gpt.config import TRAINING_ONLY_FIELDS, GPTConfig
+from lightning_modules.gpt.model import GPT
+from lightning_modules.npt.components import MODES, NPComponent
+from lightning_modules.npt.layers import (
+    LAYER_MODES,
+    GPT2NPTLayer,
+    GPTNPTLayer,
+    LlamaNPTLayer,
+    NPTLayer,
+    SkipLayer,
+)
+
+FAMILIES = ("gpt", "gpt2", "llama")
+_LAYER_CLASSES: dict[str, type[NPTLayer]] = {"gpt": GPTNPTLayer, "gpt2": GPT2NPTLayer, "llama": LlamaNPTLayer}
+# MLP submodules each family's blocks must have (checked before conversion).
+_MLP_PARTS = {
+    "gpt": ("c_fc", "c_proj"),
+    "gpt2": ("c_fc", "c_proj"),
+    "llama": ("gate_proj", "up_proj", "down_proj"),
+}
+_HF_MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama"}  # transformers model_type -> family
+# Fresh tiny targets (target_path None), overridable by target_config.
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "gpt": {},  # GPTConfig.from_name("tiny"): 4 layers, 4 heads, 128 dims
+    "gpt2": dict(n_layer=4, n_head=4, n_embd=128, n_positions=256, vocab_size=4096),
+    "llama": dict(
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        vocab_size=4096,
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------- targets
+def detect_family(model: nn.Module) -> str:
+    """'gpt', 'gpt2' or 'llama' for a supported in-memory model; ValueError otherwise."""
+    if isinstance(model, GPT):
+        return "gpt"
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    name = type(model).__name__
+    if model_type == "gpt2" and hasattr(model, "transformer") and hasattr(model, "lm_head"):
+        return "gpt2"
+    if model_type == "llama" and hasattr(model, "model") and hasattr(model, "lm_head"):
+        return "llama"
+    raise ValueError(
+        f"unsupported target {name} (model_type={model_type!r}); valid: our GPT, transformers "
+        f"GPT2LMHeadModel (gpt2), LlamaForCausalLM (llama)"
+    )
+
+
+def layer_list(model: nn.Module, family: str) -> nn.ModuleList:
+    """The model's decoder blocks, in order."""
+    return model.model.layers if family == "llama" else model.transformer.h
+
+
+def _check_family(family: str | None) -> None:
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"unknown target family {family!r}; valid: {FAMILIES}")
+
+
+def _build_fresh(family: str, config: dict[str, Any]) -> nn.Module:
+    """A tiny randomly initialised target of ``family`` (TINY_CONFIGS overridden by ``config``)."""
+    if family == "gpt":
+        return GPT(GPTConfig.from_name("tiny", **config))
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    if family == "gpt2":  # GPT-2's special-token ids (50256) would lie outside a small vocabulary
+        defaults = {**TINY_CONFIGS[family], "bos_token_id": 0, "eos_token_id": 0}
+        return GPT2LMHeadModel(GPT2Config(**{**defaults, **config}))
+    return LlamaForCausalLM(LlamaConfig(**{**TINY_CONFIGS[family], **config}))
+
+
+def _config_mismatch(loaded: Any, wanted: dict[str, Any], source: str) -> None:
+    """ValueError naming every field of ``wanted`` the loaded config lacks or disagrees with."""
+    bad = []
+    for key, value in wanted.items():
+        if not hasattr(loaded, key):
+            bad.append(f"{key}: unknown field")
+        elif getattr(loaded, key) != value:
+            bad.append(f"{key}: target_config={value!r} checkpoint={getattr(loaded, key)!r}")
+    if bad:
+        raise ValueError(
+            f"target_config does not match the target at {source!r}: {'; '.join(bad)}; remove these keys "
+            "or point target_path at matching weights"
+        )
+
+
+def load_target(
+    path: str | None = None,
+    family: str | None = None,
+    config: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+    load_in_8bit: bool = False,
+) -> tuple[nn.Module, str]:
+    """(model in eval mode, family) from our ``.ckpt``, a local transformers dir, or fresh when path is None.
+
+    ``config``: for a fresh target, overrides of TINY_CONFIGS[family]; for loaded weights, fields that
+    must match the checkpoint (training-only GPT fields such as dropout are applied instead).
+    ``load_in_8bit``: HF targets on CUDA through bitsandbytes (optional extra).
+    """
+    _check_family(family)
+    config = dict(config or {})
+    if path is None:
+        family = family or "gpt"
+        if load_in_8bit:
+            raise ValueError(
+                "load_in_8bit needs pretrained weights: set target_path to a transformers directory"
+            )
+        model = _build_fresh(family, config)
+    else:
+        source = Path(path)
+        if not source.exists():
+            raise FileNotFoundError(
+                f"target_path={path!r} does not exist; give one of our GPT .ckpt files, a local transformers "
+                "directory (model_type gpt2 or llama), or null for a fresh tiny target"
+            )
+        model_type = None
+        if source.is_dir():
+            from transformers import AutoConfig
+
+            model_type = AutoConfig.from_pretrained(source, local_files_only=True).model_type
+            if model_type not in _HF_MODEL_TYPES:
+                raise ValueError(
+                    f"target {path!r} has model_type={model_type!r}, which has no supported MLP; valid: "
+                    f"{sorted(_HF_MODEL_TYPES)}"
+                )
+        if source.is_file() or family == "gpt":  # our checkpoint, or a GPT-2 dir read into our GPT
+            if family not in (None, "gpt") or model_type not in (None, "gpt2"):
+                raise ValueError(f"target_family={family!r} does not match {path!r}; valid: 'gpt' or null")
+            if load_in_8bit:
+                raise ValueError(
+                    "load_in_8bit supports transformers targets only (target_family gpt2 / llama)"
+                )
+            from lightning_modules.gpt.checkpoint import load_gpt_weights
+
+            training = {k: v for k, v in config.items() if k in TRAINING_ONLY_FIELDS}
+            model = load_gpt_weights(str(source), training_overrides=training)
+            _config_mismatch(model.config, {k: v for k, v in config.items() if k not in training}, path)
+            family = "gpt"
+        else:
+            found = _HF_MODEL_TYPES[model_type]
+            if family not in (None, found):
+                raise ValueError(
+                    f"target_family={family!r} does not match {path!r} (model_type={model_type!r}); "
+                    f"valid: {found!r}" + (" or 'gpt'" if found == "gpt2" else "")
+                )
+            family = found
+            model = _load_hf(source, family, dtype, load_in_8bit)
+            _config_mismatch(model.config, config, path)
+    if dtype is not None and not load_in_8bit:
+        model.to(dtype)
+    return model.eval(), family
+
+
+def _load_hf(source: Path, family: str, dtype: torch.dtype | None, load_in_8bit: bool) -> nn.Module:
+    """GPT2LMHeadModel / LlamaForCausalLM from a local directory (never the hub), optionally 8-bit."""
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+    cls = GPT2LMHeadModel if family == "gpt2" else LlamaForCausalLM
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if load_in_8bit:
+        if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError(
+                "load_in_8bit needs CUDA and the bitsandbytes package (pip install bitsandbytes); "
+                "valid alternatives: load_in_8bit=false with bf16 precision, or fewer converted layers"
+            )
+        from transformers import BitsAndBytesConfig
+
+        kwargs.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": 0})
+    return cls.from_pretrained(source, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- conversion
+def parse_layers(spec: str | int | Sequence[int] | None, n_layer: int) -> list[int]:
+    """Layer indices from None/'upper' (upper half), 'all', 'a:b' (a <= i < b; ends optional), '1,3' or ints."""
+    valid = f"0..{n_layer - 1}, 'all', 'upper', 'a:b' or a list"
+    if spec is None or spec == "upper":
+        indices = list(range(n_layer // 2, n_layer))
+    elif spec == "all":
+        indices = list(range(n_layer))
+    elif isinstance(spec, str):
+        try:
+            if ":" in spec:
+                start_s, stop_s = spec.split(":", 1)
+                start = int(start_s) if start_s.strip() else 0
+                stop = int(stop_s) if stop_s.strip() else n_layer
+                if not 0 <= start < stop <= n_layer:
+                    raise ValueError
+                indices = list(range(start, stop))
+            else:
+                indices = [int(part) for part in spec.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(
+                f"bad layer spec {spec!r} for a {n_layer}-layer target; valid: {valid}"
+            ) from None
+    elif isinstance(spec, int) and not isinstance(spec, bool):
+        indices = [spec]
+    else:
+        indices = list(spec)
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_layer:
+            raise ValueError(f"layer index {i!r} out of range for a {n_layer}-layer target; valid: {valid}")
+    if not indices:
+        raise ValueError(f"layer spec {spec!r} selects no layer; valid: {valid}")
+    return sorted(set(indices))
+
+
+def mlp_sizes(block: nn.Module, family: str, index: int) -> tuple[int, int]:
+    """(d_model, d_ffn) of a block's MLP; ValueError if it lacks the family's MLP projections."""
+    mlp = getattr(block, "mlp", None)
+    missing = [n for n in _MLP_PARTS[family] if getattr(mlp, n, None) is None] if mlp is not None else ["mlp"]
+    if missing:
+        raise ValueError(
+            f"layer {index} ({type(block).__name__}) has no supported MLP: missing {missing}; valid "
+            f"{family} MLPs have {_MLP_PARTS[family]}"
+        )
+    first = mlp.gate_proj if family == "llama" else mlp.c_fc
+    if type(first).__name__ == "Conv1D":  # weight (in, out)
+        return int(first.weight.shape[0]), int(first.weight.shape[1])
+    return int(first.in_features), int(first.out_features)
+
+
+def convert(
+    model: nn.Module,
+    layers: str | int | Sequence[int] | None = None,
+    rank: int = 8,
+    num_ranks: int = 1,
+    mode: str = "single",
+    init_scale: float = 0.01,
+    seed: int | None = None,
+    np_dtype: torch.dtype = torch.float32,
+) -> NPTModel:
+    """Freeze ``model`` and replace the chosen layers (default: upper half) by NPT layers, in place.
+
+    Each layer gets its own NPComponent(d, f, rank, num_ranks, mode) in ``np_dtype`` (default float32, so
+    the optimizer state stays precise under bf16 mixed precision); ``seed + layer`` seeds it.
+    """
+    family = detect_family(model)
+    if family != "gpt":
+        import transformers
+
+        if int(transformers.__version__.split(".")[0]) < 5:
+            raise ValueError(
+                f"NPT conversion of transformers models needs transformers >= 5 (decoder layers return a "
+                f"tensor); found {transformers.__version__}"
+            )
+    if mode not in MODES:
+        raise ValueError(f"unknown np mode {mode!r}; valid: {sorted(MODES)}")
+    blocks = layer_list(model, family)
+    if any(isinstance(b, NPTLayer) for b in blocks):
+        raise ValueError("model is already converted; convert the original model")
+    indices = parse_layers(layers, len(blocks))
+    model.requires_grad_(False)
+    cls = _LAYER_CLASSES[family]
+    for i in indices:
+        block = blocks[i]
+        d, f = mlp_sizes(block, family, i)
+        device = next(block.parameters()).device
+        component = NPComponent(
+            d,
+            f,
+            rank,
+            num_ranks,
+            mode,
+            init_scale,
+            seed=None if seed is None else seed + i,
+            dtype=np_dtype,
+            device=device,
+        )
+        blocks[i] = cls(block, component, i)
+    return NPTModel(model, family, indices)
+
+
+class NPTModel(nn.Module):
+    """A target with converted layers: logits, mode switch, teacher pass, teacher-forced / free student pass."""
+
+    def __init__(self, model: nn.Module, family: str, indices: list[int]) -> None:
+        """Use :func:`convert` to build one."""
+        super().__init__()
+        self.model = model
+        self.family = family
+        self.indices = list(indices)
+        self.model.eval()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def layers(self) -> nn.ModuleList:
+        """All decoder layers (converted ones are NPTLayers)."""
+        return layer_list(self.model, self.family)
+
+    @property
+    def npt_layers(self) -> list[NPTLayer]:
+        """The converted layers, in order."""
+        return [self.layers[i] for i in self.indices]
+
+    @property
+    def vocab_size(self) -> int:
+        """Real vocabulary size of the target (logits beyond it are padding)."""
+        return int(self.model.config.vocab_size)
+
+    @property
+    def embed_size(self) -> int:
+        """Rows of the token embedding (largest token id + 1 it accepts)."""
+        if self.family == "gpt":
+            return int(self.model.config.padded_vocab_size)
+        return int(self.model.get_input_embeddings().num_embeddings)
+
+    @property
+    def max_seq_len(self) -> int:
+        """Longest sequence the target's positions allow."""
+        name = {"gpt": "block_size", "gpt2": "n_positions", "llama": "max_position_embeddings"}[self.family]
+        return int(getattr(self.model.config, name))
+
+    def np_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The trainable NP parameters, named as in state_dict()."""
+        for i, layer in zip(self.indices, self.npt_layers):
+            yield from layer.np.named_parameters(prefix=f"layer{i}")
+
+    def np_parameters(self) -> list[nn.Parameter]:
+        """The trainable NP parameters."""
+        return [p for _, p in self.np_named_parameters()]
+
+    def train(self, mode: bool = True) -> NPTModel:
+        """Set the flag; the frozen target always runs in eval mode (no dropout), teacher and student alike."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, idx: Tensor) -> Tensor:
+        """idx (b, s) -> logits (b, s, vocab) with the layers' current modes."""
+        if self.family == "gpt":
+            return self.model(idx)
+        return self.model(input_ids=idx, use_cache=False).logits
+
+    @contextlib.contextmanager
+    def mode(self, mode: str) -> Iterator[NPTModel]:
+        """Run every converted layer in ``mode`` ('npt', 'original', 'exact') inside the block."""
+        if mode not in LAYER_MODES:
+            raise ValueError(f"unknown layer mode {mode!r}; valid: {LAYER_MODES}")
+        before = [layer.mode for layer in self.npt_layers]
+        for layer in self.npt_layers:
+            layer.mode = mode
+        try:
+            yield self
+        finally:
+            for layer, m in zip(self.npt_layers, before):
+                layer.mode = m
+
+    def original(self) -> contextlib.AbstractContextManager[NPTModel]:
+        """Context manager: the converted layers behave exactly like the unconverted model."""
+        return self.mode("original")
+
+    @contextlib.contextmanager
+    def _skipping(self, indices: list[int]) -> Iterator[None]:
+        """Temporarily replace layers whose outputs are unused by identity stand-ins."""
+        layers = self.layers
+        saved = {i: layers[i] for i in indices}
+        for i in indices:
+            layers[i] = SkipLayer()
+        try:
+            yield
+        finally:
+            for i, module in saved.items():
+                layers[i] = module
+
+    def clear(self) -> None:
+        """Drop the tensors captured by the last passes (frees their activations)."""
+        for layer in self.npt_layers:
+            layer.io = {}
+            layer.force_input = None
+            layer.capture = layer.compute_target = False
+
+    @torch.no_grad()
+    def teacher_forward(self, idx: Tensor) -> Tensor:
+        """Original-model logits (b, s, vocab); each converted layer keeps its input and output (no grad)."""
+        for layer in self.npt_layers:
+            layer.io, layer.capture, layer.force_input = {}, True, None
+        try:
+            with self.original():
+                return self(idx)
+        finally:
+            for layer in self.npt_layers:
+                layer.capture = False
+
+    def student_forward(self, idx: Tensor, teacher_forced: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """NPT logits (b, s, vocab), per-layer outputs and targets (b, s, d) after :meth:`teacher_forward`.
+
+        Teacher-forced: every converted layer reads the teacher's hidden state (its target is the teacher's
+        output there); unconverted layers below the last converted one are skipped, and the logits see only
+        the last converted layer's error. Free-running: layers below the first converted one are skipped
+        (the first reads the teacher's input, which they would reproduce); each later layer reads the
+        previous NPT output and its target is the original layer on that same input (attention shared,
+        original MLP recomputed without grad).
+        """
+        npt = self.npt_layers
+        if any("teacher_input" not in layer.io for layer in npt):
+            raise RuntimeError("student_forward needs teacher_forward(idx) on the same batch first")
+        last = self.indices[-1] if teacher_forced else self.indices[0]
+        skip = [i for i in range(last) if i not in self.indices]
+        for n, layer in enumerate(npt):
+            layer.capture, layer.compute_target = True, not teacher_forced
+            layer.force_input = layer.io["teacher_input"] if teacher_forced or n == 0 else None
+        try:
+            with self._skipping(skip), self.mode("npt"):
+                logits = self(idx)
+        finally:
+            for layer in npt:
+                layer.capture, layer.compute_target, layer.force_input = False, False, None
+        outputs = [layer.io["output"] for layer in npt]
+        targets = [layer.io["teacher_output" if teacher_forced else "target"] for layer in npt]
+        return logits, outputs, targets
+
+    @torch.no_grad()
+    def layer_stats(self) -> dict[int, dict[str, Tensor]]:
+        """Per converted layer: NP statistics and the exact-patch gap from the last student pass."""
+        return {i: layer.np_stats() for i, layer in zip(self.indices, self.npt_layers)}
