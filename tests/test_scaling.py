@@ -61,3 +61,39 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
     assert [r.name for r in runs] == ["version_0"]
     assert len(list(runs[0].glob("events.out.tfevents.*"))) == 1
     assert (runs[0] / "checkpoints" / "last.ckpt").is_file()
+
+
+NPT_FAST = [
+    "--trainer.max_steps=4",
+    "--trainer.val_check_interval=4",
+    "--trainer.limit_val_batches=1",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.enable_progress_bar=false",
+    "--data.init_args.max_chars=150000",
+    "--data.init_args.bpe_vocab_size=512",
+    "--data.init_args.batch_size=2",
+    "--data.init_args.block_size=32",
+    "--data.init_args.num_workers=0",
+    "--model.init_args.warmup_steps=2",
+]
+
+
+def test_ddp_two_processes_fit_npt(tmp_path):
+    config = ROOT / "configs" / "npt" / "gpt_tiny.yaml"
+    run_train(
+        tmp_path,
+        "fit",
+        "--config",
+        str(config),
+        "--config",
+        str(DDP_CPU),
+        "--config",
+        str(record_yaml(tmp_path)),
+        *NPT_FAST,
+        timeout=900,
+    )
+    rank0, rank1 = read_record(tmp_path / "record", 0), read_record(tmp_path / "record", 1)
+    assert rank0["checksums"] == rank1["checksums"] and rank0["finite"]
+    assert rank0["losses"] != rank1["losses"]  # each rank read different windows
+    runs = list((tmp_path / "lightning_logs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "checkpoints" / "last.ckpt").is_file()
