@@ -24,6 +24,7 @@ from callbacks import (
 from callbacks.checkpoint_io import atomic_torch_save, load_checkpoint_file
 from callbacks.throughput import peak_flops_for
 from lightning_modules.gpt import GPTConfig, GPTLightningModule
+from tests.helpers.trainers import quiet_trainer
 
 TINY = dict(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16)
 
@@ -45,16 +46,7 @@ def module(**kwargs):
 
 
 def trainer(tmp_path, **kwargs):
-    defaults = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        limit_val_batches=0,
-    )
-    return pl.Trainer(**{**defaults, **kwargs})
+    return quiet_trainer(tmp_path, **{"limit_val_batches": 0, **kwargs})
 
 
 # --- atomic and asynchronous checkpoints -------------------------------------------------------

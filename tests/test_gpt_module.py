@@ -3,13 +3,13 @@
 import math
 from functools import partial
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_modules.common.optim import build_optimizer, decay_param_groups, warmup_cosine_lambda
 from lightning_modules.gpt import GPTConfig, GPTLightningModule
+from tests.helpers.trainers import quiet_trainer
 
 TINY = dict(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
 
@@ -19,18 +19,6 @@ def one_batch_loader(batch=4, seq=32, vocab=64, repeats=1):
     data = torch.randint(0, vocab, (batch, seq + 1))
     x, y = data[:, :-1], data[:, 1:]
     return DataLoader(TensorDataset(x.repeat(repeats, 1), y.repeat(repeats, 1)), batch_size=batch)
-
-
-def quiet_trainer(tmp_path, **kwargs):
-    defaults = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    return pl.Trainer(**{**defaults, **kwargs})
 
 
 def test_weight_decay_only_on_matrices():
