@@ -3,12 +3,13 @@
 Notation: ci = lower-leaky causal importances {module: (..., C)}, ci_upper = upper-leaky ones,
 Delta = W_target - (V U)^T, r ~ U(0, 1), masks m = ci + (1 - ci) r (fresh for every term and sample).
 Output losses: 'mse' = sum (y - y_hat)^2 / numel; 'kl' = KL(softmax(target) || softmax(pred)) summed
-over the last (vocab) dim and averaged over the other (token) dims.
+over the last (vocab) dim and averaged over the other (token) dims. Wherever a loss takes `target_out`,
+a `KLTarget` (the target's softmax prepared once per batch) may stand in for the logits with 'kl'.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -25,14 +26,32 @@ from .component_model import (
 OutputLossType = Literal["mse", "kl"]
 
 
-def output_recon_loss(pred: Tensor, target: Tensor, output_loss_type: OutputLossType) -> Tensor:
-    """mse: sum (pred - target)^2 / numel;  kl: mean over tokens of sum_v p_t (log p_t - log p_pred)."""
+class KLTarget(NamedTuple):
+    """A target distribution prepared once per batch for repeated KL terms: probs and sum_v p log p."""
+
+    probs: Tensor  # (..., vocab) float32
+    neg_entropy: Tensor  # (...)
+
+    @classmethod
+    def from_logits(cls, logits: Tensor) -> KLTarget:
+        """From target logits (..., vocab); no gradient flows to the (frozen) target."""
+        log_p = torch.log_softmax(logits.detach().float(), dim=-1)
+        probs = log_p.exp()
+        return cls(probs, (probs * log_p).sum(-1))
+
+
+def output_recon_loss(pred: Tensor, target: Tensor | KLTarget, output_loss_type: OutputLossType) -> Tensor:
+    """mse: sum (pred - target)^2 / numel;  kl: mean over tokens of sum_v p_t (log p_t - log p_pred).
+
+    For kl, `target` may be a KLTarget (prepared once per batch): the same value, without recomputing
+    the target's softmax for every term and mask sample."""
     if output_loss_type == "mse":
         return (pred - target).pow(2).sum() / pred.numel()
     if output_loss_type == "kl":
         log_q = torch.log_softmax(pred.float(), dim=-1)  # (..., vocab)
-        log_p = torch.log_softmax(target.float(), dim=-1)
-        return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+        if not isinstance(target, KLTarget):
+            target = KLTarget.from_logits(target)
+        return (target.neg_entropy - (target.probs * log_q).sum(-1)).mean()
     raise ValueError(f"unknown output_loss_type {output_loss_type!r}; valid: ['mse', 'kl']")
 
 

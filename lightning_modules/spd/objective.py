@@ -1,0 +1,294 @@
+"""SPD loss orchestration (one training objective from the loss functions in `losses.py`) and per-batch
+evaluation figures, kept out of the LightningModule so it stays readable and the benchmark can reuse it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import losses as L
+from .component_model import ComponentModel, Sampling, stochastic_masks, weight_delta_masks
+
+LOSS_NAMES = (
+    "faithfulness",
+    "stochastic_recon",
+    "stochastic_recon_layerwise",
+    "stochastic_recon_subset",
+    "importance_minimality",
+    "ci_masked_recon",
+    "unmasked_recon",
+    "pgd_recon",
+    "stochastic_hidden_acts_recon",
+)
+SAMPLINGS = ("continuous", "binomial")
+OUTPUT_LOSS_TYPES = ("mse", "kl")
+
+
+def check_loss_coeffs(loss_coeffs: dict[str, float]) -> dict[str, float]:
+    """Validated {name: coeff}: known names, finite coefficients >= 0, at least one > 0."""
+    unknown = sorted(set(loss_coeffs) - set(LOSS_NAMES))
+    if unknown:
+        raise ValueError(f"unknown loss name(s) {unknown} in loss_coeffs; valid names: {list(LOSS_NAMES)}")
+    out = {}
+    for name, coeff in loss_coeffs.items():
+        coeff = float(coeff)
+        if not math.isfinite(coeff) or coeff < 0:
+            raise ValueError(f"loss_coeffs[{name!r}]={coeff!r} must be a finite number >= 0")
+        out[name] = coeff
+    if not any(out.values()):
+        raise ValueError(f"loss_coeffs={loss_coeffs!r} has no positive coefficient")
+    return out
+
+
+@dataclass
+class PGDSettings:
+    """Adversarial-mask (pgd_recon) settings: sign-gradient ascent on mask sources in [0, 1]."""
+
+    n_steps: int = 1
+    step_size: float = 0.1
+    init: Literal["random", "ones", "zeros"] = "random"
+    mask_scope: Literal["unique_per_datapoint", "shared_across_batch"] = "unique_per_datapoint"
+
+
+class ObjectiveOutput(NamedTuple):
+    """Total loss, each term (unweighted), the CIs and the target's clean output and module inputs."""
+
+    total: Tensor
+    terms: dict[str, Tensor]
+    ci: dict[str, Tensor]
+    ci_upper: dict[str, Tensor]
+    target_out: Tensor
+    pre_weight_acts: dict[str, Tensor]
+
+
+@dataclass
+class SPDObjective:
+    """total = sum_k coeff_k loss_k over the terms with a positive coefficient (see losses.py)."""
+
+    loss_coeffs: dict[str, float]
+    sampling: Sampling = "continuous"
+    n_mask_samples: int = 1
+    output_loss_type: L.OutputLossType = "mse"
+    use_delta_component: bool = True
+    p_start: float = 1.0
+    p_end: float | None = None
+    p_anneal_start_frac: float = 1.0
+    p_anneal_end_frac: float = 1.0
+    pgd: PGDSettings = field(default_factory=PGDSettings)
+
+    def __post_init__(self) -> None:
+        self.loss_coeffs = check_loss_coeffs(self.loss_coeffs)
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"unknown sampling {self.sampling!r}; valid: {list(SAMPLINGS)}")
+        if self.output_loss_type not in OUTPUT_LOSS_TYPES:
+            raise ValueError(
+                f"unknown output_loss_type {self.output_loss_type!r}; valid: {list(OUTPUT_LOSS_TYPES)}"
+            )
+        if self.n_mask_samples < 1:
+            raise ValueError(f"n_mask_samples must be >= 1, got {self.n_mask_samples}")
+        if self.p_start <= 0 or (self.p_end is not None and self.p_end <= 0):
+            raise ValueError(f"importance p must be > 0, got start={self.p_start}, end={self.p_end}")
+        if not 0.0 <= self.p_anneal_start_frac <= self.p_anneal_end_frac <= 1.0:
+            raise ValueError(
+                f"need 0 <= p_anneal_start_frac <= p_anneal_end_frac <= 1, got "
+                f"{self.p_anneal_start_frac}, {self.p_anneal_end_frac}"
+            )
+
+    def p(self, step_frac: float) -> float:
+        """The importance-minimality exponent at this fraction of training."""
+        return L.annealed_p(
+            step_frac, self.p_start, self.p_end, self.p_anneal_start_frac, self.p_anneal_end_frac
+        )
+
+    def __call__(
+        self, model: ComponentModel, batch: Tensor, step_frac: float, generator: torch.Generator | None = None
+    ) -> ObjectiveOutput:
+        """All active terms for one batch (masks resampled independently for every term)."""
+        with torch.no_grad():
+            target_out, acts = model(batch, cache_acts=True)  # clean output, each module's input
+        ci, ci_upper = model.calc_causal_importances(acts, sampling=self.sampling)
+        # KL terms share the target's softmax, computed once per batch
+        recon_target = L.KLTarget.from_logits(target_out) if self.output_loss_type == "kl" else target_out
+        active = {k: c for k, c in self.loss_coeffs.items() if c > 0}
+        deltas = model.weight_deltas() if self.use_delta_component or "faithfulness" in active else None
+        recon_deltas = deltas if self.use_delta_component else None
+        common = dict(sampling=self.sampling, n_mask_samples=self.n_mask_samples, generator=generator)
+        out_type = self.output_loss_type
+        terms: dict[str, Tensor] = {}
+        for name in active:
+            if name == "faithfulness":
+                terms[name] = L.faithfulness_loss(deltas)
+            elif name == "importance_minimality":
+                terms[name] = L.importance_minimality_loss(ci_upper, self.p(step_frac))
+            elif name == "stochastic_recon":
+                terms[name] = L.stochastic_recon_loss(
+                    model, batch, recon_target, ci, recon_deltas, output_loss_type=out_type, **common
+                )
+            elif name == "stochastic_recon_layerwise":
+                terms[name] = L.stochastic_recon_layerwise_loss(
+                    model, batch, recon_target, ci, recon_deltas, output_loss_type=out_type, **common
+                )
+            elif name == "stochastic_recon_subset":
+                terms[name] = L.stochastic_recon_subset_loss(
+                    model, batch, recon_target, ci, recon_deltas, output_loss_type=out_type, **common
+                )
+            elif name == "ci_masked_recon":
+                terms[name] = L.ci_masked_recon_loss(model, batch, recon_target, ci, out_type)
+            elif name == "unmasked_recon":
+                terms[name] = L.unmasked_recon_loss(model, batch, recon_target, out_type)
+            elif name == "pgd_recon":
+                p = self.pgd
+                terms[name] = L.pgd_recon_loss(
+                    model, batch, recon_target, ci, recon_deltas, p.n_steps, p.step_size, p.init,
+                    p.mask_scope, out_type, generator,
+                )  # fmt: skip
+            elif name == "stochastic_hidden_acts_recon":
+                terms[name] = L.stochastic_hidden_acts_recon_loss(
+                    model, batch, acts, ci, recon_deltas, **common
+                )
+        total = sum(self.loss_coeffs[k] * v for k, v in terms.items())
+        return ObjectiveOutput(total, terms, ci, ci_upper, target_out, acts)
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def eval_batch(
+    model: ComponentModel,
+    batch: Tensor,
+    output_loss_type: L.OutputLossType,
+    use_delta_component: bool,
+    labels: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(scalar metrics, ci) for one batch: recon losses of ci-masked / unmasked / stochastic / zero
+    masks, faithfulness, L0 per module, mean target output^2; with labels (LMs) CE and KL of each."""
+    target_out, acts = model(batch, cache_acts=True)
+    ci, _ = model.calc_causal_importances(acts, sampling="continuous")
+    deltas = model.weight_deltas()
+    ones = {n: torch.ones_like(c) for n, c in ci.items()}
+    zeros = {n: torch.zeros_like(c) for n, c in ci.items()}
+    rounded = {n: (c > 0).to(c.dtype) for n, c in ci.items()}
+    stoch_deltas = weight_delta_masks(ci, deltas, generator) if use_delta_component else None
+    outputs = {
+        "ci_masked": model(batch, masks=ci),
+        "unmasked": model(batch, masks=ones),
+        "stochastic": model(
+            batch, masks=stochastic_masks(ci, "continuous", generator), weight_deltas_and_masks=stoch_deltas
+        ),
+        "rounded": model(batch, masks=rounded),
+        "zero": model(batch, masks=zeros),
+    }
+    recon_target = L.KLTarget.from_logits(target_out) if output_loss_type == "kl" else target_out
+    metrics: dict[str, Tensor] = {
+        f"recon/{k}": L.output_recon_loss(v, recon_target, output_loss_type) for k, v in outputs.items()
+    }
+    metrics["faithfulness"] = L.faithfulness_loss(deltas)
+    metrics["target_output_sq"] = target_out.float().pow(2).mean()  # the target's MSE against zero
+    for name, c in ci.items():
+        metrics[f"l0/{name}"] = (c > 0).sum(-1).float().mean()
+    if labels is not None:
+        kl_target = recon_target if output_loss_type == "kl" else L.KLTarget.from_logits(target_out)
+        flat = labels.flatten()
+        metrics["lm/ce_target"] = F.cross_entropy(target_out.flatten(0, -2).float(), flat)
+        for kind, out in outputs.items():
+            metrics[f"lm/ce_{kind}"] = F.cross_entropy(out.flatten(0, -2).float(), flat)
+            metrics[f"lm/kl_{kind}"] = L.output_recon_loss(out, kl_target, "kl")
+    return metrics, ci
+
+
+def add_ce_unrecovered(metrics: dict[str, float]) -> dict[str, float]:
+    """Add lm/ce_unrecovered[_kind] = (ce - ce_target) / (ce_zero - ce_target) where the CEs exist."""
+    if "lm/ce_target" not in metrics or "lm/ce_zero" not in metrics:
+        return metrics
+    base, zero = metrics["lm/ce_target"], metrics["lm/ce_zero"]
+    denom = zero - base if abs(zero - base) > 1e-12 else float("nan")
+    for kind in ("ci_masked", "unmasked", "stochastic", "rounded"):
+        if f"lm/ce_{kind}" in metrics:
+            metrics[f"lm/ce_unrecovered_{kind}"] = (metrics[f"lm/ce_{kind}"] - base) / denom
+    metrics["lm/ce_unrecovered"] = metrics.get("lm/ce_unrecovered_ci_masked", float("nan"))
+    return metrics
+
+
+class EvalAccumulator:
+    """Example-weighted means of scalar metrics, alive components, CI histograms and activation density."""
+
+    def __init__(
+        self, module_to_c: dict[str, int], alive_threshold: float = 0.1, hist_bins: int = 50
+    ) -> None:
+        self.module_to_c, self.alive_threshold, self.hist_bins = dict(module_to_c), alive_threshold, hist_bins
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything."""
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+        self.alive = {n: torch.zeros(C, dtype=torch.bool) for n, C in self.module_to_c.items()}
+        self.active = {n: torch.zeros(C, dtype=torch.float64) for n, C in self.module_to_c.items()}
+        self.hist = {n: torch.zeros(self.hist_bins, dtype=torch.float64) for n in self.module_to_c}
+        self.n_examples = 0
+
+    @torch.no_grad()
+    def update(self, metrics: dict[str, Tensor], ci: dict[str, Tensor]) -> None:
+        """Add one batch (weights = examples or tokens in ci's leading dims)."""
+        n = next(iter(ci.values())).shape[:-1].numel()
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v) * n
+            self.weights[k] = self.weights.get(k, 0.0) + n
+        for name, c in ci.items():
+            flat = c.detach().float().flatten(0, -2).cpu()  # (n, C)
+            on = flat > self.alive_threshold
+            self.alive[name] |= on.any(0)
+            self.active[name] += on.sum(0).double()
+            self.hist[name] += torch.histc(flat, bins=self.hist_bins, min=0.0, max=1.0).double()
+        self.n_examples += n
+
+    def means(self) -> dict[str, float]:
+        """Metric means plus alive_components/<module>."""
+        out = {k: self.sums[k] / self.weights[k] for k in self.sums}
+        out.update({f"alive_components/{n}": float(a.sum()) for n, a in self.alive.items()})
+        return add_ce_unrecovered(out)
+
+    def density(self) -> dict[str, Tensor]:
+        """Per module: fraction of examples with ci > threshold, per component (C,)."""
+        return {n: (a / max(1, self.n_examples)).float() for n, a in self.active.items()}
+
+
+def faithfulness_warmup(model: ComponentModel, steps: int, lr: float, weight_decay: float) -> float:
+    """Fit V, U to the target weights (faithfulness loss only) with their own AdamW; returns the last loss."""
+    params = [p for comp in model.components.values() for p in (comp.V, comp.U)]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    loss = torch.zeros(())
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = L.faithfulness_loss(model.weight_deltas())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return loss.detach().item()
+
+
+def write_results(
+    path: Path, module_to_c: dict[str, int], metrics: dict[str, float], extra: dict[str, Any]
+) -> dict[str, Any]:
+    """spd_results.json: every final metric, regrouped per module (C, alive_components, l0, mmcs, ml2r,
+    identity_ci_error where computed) and for LMs the CE / KL figures under "lm"."""
+    per_module: dict[str, dict[str, float]] = {}
+    for name, C in module_to_c.items():
+        row: dict[str, float] = {"C": C}
+        for key in ("alive_components", "l0", "mmcs", "ml2r", "identity_ci_error"):
+            if f"{key}/{name}" in metrics:
+                row[key] = metrics[f"{key}/{name}"]
+        per_module[name] = row
+    lm = {k.removeprefix("lm/"): v for k, v in metrics.items() if k.startswith("lm/")}
+    results = {**extra, "modules": per_module, "metrics": metrics, "lm": lm}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, default=float))
+    return results

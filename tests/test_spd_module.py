@@ -1,0 +1,361 @@
+"""SPDLightningModule, ToyTargetLightningModule, SparseFeatureDataModule, target loading and the configs
+end to end through train.py (tiny sizes, CPU, float32)."""
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+from datamodules.sparse_features import SparseFeatureDataModule
+from lightning_modules.gpt.config import GPTConfig
+from lightning_modules.spd.figures import bar_chart, heatmap
+from lightning_modules.spd.module import SPDLightningModule
+from lightning_modules.spd.objective import LOSS_NAMES
+from lightning_modules.spd.targets import load_target, save_toy_target
+from lightning_modules.spd.toy_models import ResidMLP, TMSModel, train_toy_model
+from lightning_modules.spd.toy_target import ToyTargetLightningModule
+from tests.helpers.cli import ROOT, run_train
+from tests.helpers.trainers import quiet_trainer
+
+SPD_CONFIGS = ROOT / "configs" / "spd"
+ALL_LOSSES = {name: 1.0 for name in LOSS_NAMES} | {"importance_minimality": 3e-3}
+
+
+@pytest.fixture(scope="module")
+def tms_target(tmp_path_factory) -> Path:
+    """A briefly trained TMS 5-2 target file."""
+    torch.manual_seed(2)
+    model = TMSModel(5, 2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: far faster on one thread
+    try:
+        train_toy_model(model, steps=100, batch=256, seed=2)
+    finally:
+        torch.set_num_threads(threads)
+    return save_toy_target(
+        tmp_path_factory.mktemp("target") / "tms.pt", model, "tms", {"n_features": 5, "n_hidden": 2}
+    )
+
+
+def spd_module(target: Path | str | None, **overrides) -> SPDLightningModule:
+    kwargs = dict(
+        target=str(target) if target is not None else None,
+        target_module_patterns={"linear1": 8, "linear2": 8},
+        tied_components={"linear2": "linear1"},
+        loss_coeffs={"stochastic_recon": 1.0, "importance_minimality": 3e-3},
+        faithfulness_warmup_steps=3,
+    )
+    return SPDLightningModule(**(kwargs | overrides))
+
+
+def fit(
+    module: pl.LightningModule, datamodule: pl.LightningDataModule, tmp_path: Path, steps: int = 4
+) -> pl.Trainer:
+    """Fit a few steps (validation every 2), logging to TensorBoard under tmp_path."""
+    trainer = quiet_trainer(
+        tmp_path,
+        max_steps=steps,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        log_every_n_steps=1,
+        logger=TensorBoardLogger(tmp_path, name="logs"),
+    )
+    trainer.fit(module, datamodule)
+    return trainer
+
+
+def toy_data(n_features: int = 5, **kw) -> SparseFeatureDataModule:
+    return SparseFeatureDataModule(
+        n_features, 0.05, batch_size=kw.pop("batch_size", 64), steps_per_epoch=50, val_batches=1, **kw
+    )
+
+
+def event_tags(log_dir: str) -> dict[str, list[str]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    return EventAccumulator(log_dir, size_guidance={"scalars": 0, "images": 0}).Reload().Tags()
+
+
+# ----------------------------------------------------------------------------- toy fit
+
+
+def test_fit_logs_every_loss_figures_and_writes_results(tms_target, tmp_path):
+    module = spd_module(tms_target, loss_coeffs=ALL_LOSSES, pgd={"n_steps": 1, "step_size": 0.1})
+    trainer = fit(module, toy_data(), tmp_path)
+    tags = event_tags(trainer.log_dir)
+    scalars, images = set(tags["scalars"]), set(tags["images"])
+    assert {f"train/loss/{name}" for name in LOSS_NAMES} <= scalars
+    for name in ("linear1", "linear2"):
+        assert {f"train/l0/{name}", f"val/l0/{name}", f"val/alive_components/{name}"} <= scalars
+        assert {f"val/mmcs/{name}", f"val/identity_ci_error/{name}"} <= scalars
+        for kind in ("ci_histogram", "component_density", "single_feature_ci", "feature_cosine"):
+            assert f"figures/{kind}/{name}" in images
+    assert "train/faithfulness_warmup" in scalars and bool(module.warmup_done)
+    results = json.loads((Path(trainer.log_dir) / "spd_results.json").read_text())
+    assert results["global_step"] == 4
+    for name in ("linear1", "linear2"):
+        row = results["modules"][name]
+        assert {"alive_components", "l0", "mmcs", "ml2r", "identity_ci_error"} <= set(row)
+        assert 0 <= row["alive_components"] <= 8
+    assert {"recon/ci_masked", "recon/unmasked", "recon/stochastic", "target_output_sq"} <= set(
+        results["metrics"]
+    )
+    assert all(f"train/loss/{name}" in results["train"] for name in LOSS_NAMES)
+
+
+def test_tied_components_share_storage_after_fit(tms_target, tmp_path):
+    module = spd_module(tms_target)
+    fit(module, toy_data(), tmp_path, steps=2)
+    lin1, lin2 = module.cm.component("linear1"), module.cm.component("linear2")
+    assert lin2.V.data_ptr() == lin1.U.data_ptr() and lin2.U.data_ptr() == lin1.V.data_ptr()
+    torch.testing.assert_close(lin2.weight, lin1.weight.t())
+
+
+def test_resid_mlp_target_and_decomposition(tmp_path):
+    data = toy_data(12, value_range=(-1.0, 1.0))
+    target = ToyTargetLightningModule(
+        "resid_mlp", {"n_features": 12, "d_embed": 16, "d_mlp": 6}, save_path=str(tmp_path / "resid.pt")
+    )
+    fit(target, data, tmp_path / "target", steps=4)
+    loaded = load_target(str(tmp_path / "resid.pt"))
+    assert isinstance(loaded, ResidMLP)
+    torch.testing.assert_close(loaded.W_E, target.model.W_E)
+    module = spd_module(
+        tmp_path / "resid.pt",
+        target_module_patterns={"layers.*.mlp_in": 12, "layers.*.mlp_out": 12},
+        tied_components=None,
+        identity_ci_patterns=["layers.*.mlp_in"],
+    )
+    trainer = fit(module, data, tmp_path / "spd", steps=2)
+    rows = json.loads((Path(trainer.log_dir) / "spd_results.json").read_text())["modules"]
+    assert (
+        "identity_ci_error" in rows["layers.0.mlp_in"] and "identity_ci_error" not in rows["layers.0.mlp_out"]
+    )
+    assert "mmcs" in rows["layers.0.mlp_in"]  # read through the embedding W_E
+
+
+def test_toy_target_lightning_checkpoint_loads_as_target(tmp_path):
+    target = ToyTargetLightningModule("tms", {"n_features": 5, "n_hidden": 2})
+    trainer = quiet_trainer(tmp_path, max_steps=2)
+    trainer.fit(target, toy_data())
+    trainer.save_checkpoint(tmp_path / "toy.ckpt")
+    loaded = load_target(str(tmp_path / "toy.ckpt"))
+    torch.testing.assert_close(loaded.linear1.weight, target.model.linear1.weight)
+
+
+# ----------------------------------------------------------------------------- LM path
+
+
+class TokenData(pl.LightningDataModule):
+    """Random (x, y) token batches with a vocab_size, like TextDataModule's."""
+
+    def __init__(self, vocab_size: int = 48, seq: int = 8) -> None:
+        super().__init__()
+        self.vocab_size, self.block_size = vocab_size, seq
+        tokens = torch.randint(0, vocab_size, (16, seq + 1), generator=torch.Generator().manual_seed(0))
+        self.data = TensorDataset(tokens[:, :-1], tokens[:, 1:])
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=4)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=4)
+
+
+LM_PATTERNS = {"transformer.h.*.mlp.c_fc": 6, "transformer.h.*.attn.c_proj": 4}
+TINY_GPT = GPTConfig(block_size=16, vocab_size=48, n_layer=1, n_head=2, n_embd=8)
+
+
+def test_lm_fit_logs_ce_kl_and_results(tmp_path):
+    module = spd_module(
+        None,
+        random_target=TINY_GPT,
+        vocab_size=48,
+        target_module_patterns=LM_PATTERNS,
+        tied_components=None,
+        ci_fn_type="shared_mlp",
+        output_loss_type="kl",
+        loss_coeffs={"stochastic_recon": 1.0, "stochastic_recon_subset": 1.0, "importance_minimality": 1e-3},
+        ci_alive_threshold=0.0,
+    )
+    trainer = fit(module, TokenData(), tmp_path)
+    scalars = set(event_tags(trainer.log_dir)["scalars"])
+    for kind in ("target", "ci_masked", "unmasked", "stochastic"):
+        assert f"val/lm/ce_{kind}" in scalars
+    assert {"val/lm/kl_ci_masked", "val/lm/ce_unrecovered"} <= scalars
+    lm = json.loads((Path(trainer.log_dir) / "spd_results.json").read_text())["lm"]
+    assert {"ce_target", "ce_ci_masked", "kl_ci_masked", "kl_stochastic", "ce_unrecovered"} <= set(lm)
+    assert lm["kl_unmasked"] >= 0
+
+
+def test_lm_bf16_mixed_through_the_trainer(tmp_path):
+    module = spd_module(
+        None,
+        random_target=TINY_GPT,
+        vocab_size=48,
+        target_module_patterns=LM_PATTERNS,
+        tied_components=None,
+        output_loss_type="kl",
+        loss_coeffs={"stochastic_recon": 1.0, "importance_minimality": 1e-3},
+    )
+    trainer = quiet_trainer(tmp_path, max_steps=2, precision="bf16-mixed", limit_val_batches=1)
+    trainer.fit(module, TokenData())
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert module.cm.component("transformer.h.0.mlp.c_fc").V.dtype == torch.float32  # weights stay fp32
+
+
+@pytest.mark.slow
+def test_compiled_ci_functions_and_components_match_eager(tms_target):
+    eager = spd_module(tms_target, faithfulness_warmup_steps=0)
+    compiled = spd_module(tms_target, faithfulness_warmup_steps=0, compile=True)
+    eager.build()
+    compiled.build()
+    compiled.cm.load_state_dict(eager.cm.state_dict())
+    compiled.configure_model()
+    x = SparseFeatureDataModule(5, 0.2, batch_size=64).val_dataloader().dataset[0]
+    outs = []
+    for module in (eager, compiled):
+        torch.manual_seed(0)
+        outs.append(module.objective(module.cm, x, 0.5).total)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-6)
+
+
+def test_gpt_checkpoint_target_and_vocab_check(tmp_path):
+    from lightning_modules.gpt.module import GPTLightningModule
+
+    gpt = GPTLightningModule(config=TINY_GPT)
+    trainer = quiet_trainer(tmp_path, max_steps=1)
+    trainer.fit(gpt, TokenData())
+    trainer.save_checkpoint(tmp_path / "gpt.ckpt")
+    module = spd_module(
+        tmp_path / "gpt.ckpt", vocab_size=48, target_module_patterns=LM_PATTERNS, tied_components=None
+    )
+    assert module.build().module_names == ["transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc"]
+    too_big = spd_module(
+        tmp_path / "gpt.ckpt", vocab_size=100, target_module_patterns=LM_PATTERNS, tied_components=None
+    )
+    with pytest.raises(ValueError, match="100 tokens"):
+        too_big.build()
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def test_unknown_loss_name_and_bad_c_fail_at_init(tms_target):
+    with pytest.raises(ValueError, match="valid names") as err:
+        spd_module(tms_target, loss_coeffs={"stochastic_recon": 1.0, "stochastic_reconn": 1.0})
+    assert "stochastic_reconn" in str(err.value) and "pgd_recon" in str(err.value)
+    with pytest.raises(ValueError, match="C must be an int >= 1"):
+        spd_module(tms_target, target_module_patterns={"linear1": 0})
+    with pytest.raises(ValueError, match="target is None"):
+        spd_module(None)
+    with pytest.raises(ValueError, match="sampling"):
+        spd_module(tms_target, sampling="bernoulli")
+
+
+def test_bad_targets_fail_before_training(tms_target, tmp_path):
+    with pytest.raises(ValueError, match="matched no"):
+        spd_module(
+            tms_target, target_module_patterns={"linear1": 4, "linear3": 4}, tied_components=None
+        ).build()
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        spd_module(missing).build()
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt.pt"):
+        spd_module(corrupt).build()
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(ValueError, match="foreign.pt"):
+        spd_module(foreign).build()
+    with pytest.raises(ValueError, match="tokens"):
+        spd_module(tms_target, vocab_size=50).build()
+    # through a Trainer: the missing file is reported at setup, before any step
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        fit(spd_module(missing), toy_data(), tmp_path)
+
+
+def test_n_features_mismatch_fails_at_setup(tms_target, tmp_path):
+    with pytest.raises(ValueError, match="n_features"):
+        fit(spd_module(tms_target), toy_data(7), tmp_path)
+
+
+# ----------------------------------------------------------------------------- data and figures
+
+
+def test_sparse_feature_data_is_seeded_per_rank_and_epoch():
+    dm = SparseFeatureDataModule(6, 0.3, batch_size=32, steps_per_epoch=3, val_batches=2, seed=5)
+    assert dm.vocab_size is None
+    a = list(dm.train_dataloader())
+    assert len(a) == 3 and a[0].shape == (32, 6)
+    assert torch.equal(a[0], list(SparseFeatureDataModule(6, 0.3, 32, 3, 2, seed=5).train_dataloader())[0])
+    loader = dm.train_dataloader()
+    first = next(iter(loader))
+    assert torch.equal(first, a[0]) and not torch.equal(next(iter(loader)), a[0])  # passes advance the epoch
+    loader.sampler.set_epoch(0)  # as Lightning does before each epoch (and on resume)
+    assert torch.equal(next(iter(loader)), a[0])
+    assert torch.equal(list(dm.val_dataloader())[0], list(dm.val_dataloader())[0])
+    dm.trainer = type("FakeTrainer", (), {"global_rank": 1})()  # as under DDP, rank 1
+    assert not torch.equal(next(iter(dm.train_dataloader())), a[0])
+    x = torch.cat(a)
+    assert ((x > 0).float().mean() - 0.3).abs() < 0.05 and x.max() <= 1 and x.min() >= 0
+    with pytest.raises(ValueError, match="feature_prob"):
+        SparseFeatureDataModule(feature_prob=0.0)
+
+
+def test_figures_are_uint8_images():
+    img = heatmap(torch.rand(5, 20))
+    assert img.dtype == torch.uint8 and img.shape[0] == 3 and img.shape[1] < img.shape[2]
+    signed = heatmap(torch.randn(4, 4), signed=True, cell=10)
+    assert signed.shape == (3, 40, 40)
+    bars = bar_chart(torch.tensor([0.0, 1.0, 3.0]), height=50, bar_width=5, log=True)
+    assert bars.shape == (3, 50, 15) and bars[:, 0, 0].tolist() == [255, 255, 255]
+
+
+# ----------------------------------------------------------------------------- train.py end to end
+
+
+def test_train_cli_target_then_decomposition(tmp_path):
+    run_train(tmp_path, "fit", "--config", str(SPD_CONFIGS / "tms_5-2_target.yaml"), "--trainer.max_steps=20")
+    assert (tmp_path / "spd_targets" / "tms_5-2.pt").is_file()
+    run_train(
+        tmp_path,
+        "fit",
+        "--config",
+        str(SPD_CONFIGS / "tms_5-2.yaml"),
+        "--trainer.max_steps=4",
+        "--trainer.val_check_interval=2",
+        "--data.init_args.batch_size=128",
+        "--model.init_args.faithfulness_warmup_steps=2",
+    )
+    results = json.loads((tmp_path / "lightning_logs" / "version_1" / "spd_results.json").read_text())
+    assert results["global_step"] == 4 and set(results["modules"]) == {"linear1", "linear2"}
+
+
+def test_train_cli_missing_target_names_the_path(tmp_path):
+    result = run_train(tmp_path, "fit", "--config", str(SPD_CONFIGS / "tms_5-2.yaml"), check=False)
+    assert result.returncode != 0
+    assert "FileNotFoundError" in result.stderr and "spd_targets/tms_5-2.pt" in result.stderr
+
+
+@pytest.mark.slow
+def test_shipped_tms_5_2_recipe_meets_acceptance(tmp_path):
+    """The README commands: target, then the decomposition; per module 5 alive, MMCS >= 0.99, identity CI 0."""
+    run_train(tmp_path, "fit", "--config", str(SPD_CONFIGS / "tms_5-2_target.yaml"), timeout=1800)
+    checks = json.loads((tmp_path / "lightning_logs" / "version_0" / "target_checks.json").read_text())
+    assert checks["passed"], checks
+    run_train(tmp_path, "fit", "--config", str(SPD_CONFIGS / "tms_5-2.yaml"), timeout=3600)
+    results = json.loads((tmp_path / "lightning_logs" / "version_1" / "spd_results.json").read_text())
+    for name, row in results["modules"].items():
+        assert row["alive_components"] == 5, (name, row)
+        assert row["mmcs"] >= 0.99, (name, row)
+        assert row["identity_ci_error"] == 0, (name, row)
+    metrics = results["metrics"]
+    assert metrics["recon/stochastic"] < 0.1 * metrics["target_output_sq"]
+    assert metrics["recon/unmasked"] < 0.01 * metrics["target_output_sq"]
