@@ -15,7 +15,7 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -301,13 +301,12 @@ def compare_switches(args, size, device, val_batches) -> dict[str, Any]:
 
 def train_and_validate(config, compile_model, data, device, args) -> float:
     """Train on real text for args.quality_steps steps, then return the token-weighted val loss."""
-    train_iter, val = data
+    train_batches, val = data  # the same batches for every variant
     torch.manual_seed(0)
     model = GPT(config)
     if compile_model:
         model.compile()
-    batches = [next(train_iter) for _ in range(args.quality_steps)]
-    plain_loop(model, batches, device, args.precision, args.lr, ours_loss)
+    plain_loop(model, train_batches[: args.quality_steps], device, args.precision, args.lr, ours_loss)
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
@@ -319,7 +318,7 @@ def train_and_validate(config, compile_model, data, device, args) -> float:
     return total / count
 
 
-def real_text(size: dict[str, Any], args) -> tuple[Iterator, list] | None:
+def real_text(size: dict[str, Any], args) -> tuple[list, list]:
     """Training and validation batches from the embedded corpus (the same for every variant)."""
     from datamodules import TextDataModule
 
@@ -336,7 +335,7 @@ def real_text(size: dict[str, Any], args) -> tuple[Iterator, list] | None:
     torch.manual_seed(0)
     train = [b for _, b in zip(range(args.quality_steps), _cycle(dm.train_dataloader()))]
     val = [b for _, b in zip(range(args.val_batches), dm.val_dataloader())]
-    return iter(train), val
+    return train, val
 
 
 def _cycle(loader):
