@@ -11,7 +11,7 @@ import pytest
 
 from callbacks.checkpoint_io import load_checkpoint_file
 from tests.helpers.cli import FAST, ROOT, TINY, env, run_train, train_cmd, write_yaml
-from tests.helpers.fault_injection import read_record
+from tests.helpers.fault_injection import read_record, record_yaml
 
 NAN_SKIP = ROOT / "configs" / "callbacks" / "nan_skip.yaml"
 ASYNC = ROOT / "configs" / "callbacks" / "async_checkpoint.yaml"
@@ -174,18 +174,11 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, num_workers)
     part = tmp_path / "part"
     full.mkdir(), part.mkdir()
 
-    def record(run_dir: Path) -> Path:
-        return write_yaml(
-            run_dir / "rec.yaml",
-            "trainer:\n  callbacks+:\n    - class_path: tests.helpers.fault_injection.RecordTraining\n"
-            f"      init_args:\n        out_dir: {run_dir / 'record'}\n",
-        )
-
-    run_train(full, "fit", *common, "--config", str(record(full)))
+    run_train(full, "fit", *common, "--config", str(record_yaml(full)))
     # the same run, "interrupted" after step 5 (max_steps=5), then resumed from its step-5 checkpoint
-    run_train(part, "fit", *common, "--config", str(record(part)), "--trainer.max_steps=5")
+    run_train(part, "fit", *common, "--config", str(record_yaml(part)), "--trainer.max_steps=5")
     ckpt = next((part / "lightning_logs" / "version_0" / "checkpoints").glob("ckpt-5.ckpt"))
-    run_train(part, "fit", *common, "--config", str(record(part)), f"--ckpt_path={ckpt}")
+    run_train(part, "fit", *common, "--config", str(record_yaml(part)), f"--ckpt_path={ckpt}")
     uninterrupted, resumed = read_record(full / "record"), read_record(part / "record")
     assert set(resumed["losses"]) == set(range(6, 13))  # the resumed process recorded steps 6..12
     for step in range(6, 13):

@@ -1,19 +1,9 @@
 """Scaling out on CPU: 2-process DDP (gloo) through train.py against one process with the same global batch."""
 
-from pathlib import Path
-
-from tests.helpers.cli import FAST, ROOT, TINY, run_train, write_yaml
-from tests.helpers.fault_injection import read_record
+from tests.helpers.cli import FAST, ROOT, TINY, run_train
+from tests.helpers.fault_injection import read_record, record_yaml
 
 DDP_CPU = ROOT / "configs" / "trainer" / "ddp_cpu.yaml"
-
-
-def record_yaml(run_dir: Path) -> Path:
-    return write_yaml(
-        run_dir / "rec.yaml",
-        "trainer:\n  callbacks+:\n    - class_path: tests.helpers.fault_injection.RecordTraining\n"
-        f"      init_args:\n        out_dir: {run_dir / 'record'}\n",
-    )
 
 
 def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path):

@@ -55,3 +55,13 @@ def read_record(out_dir: Path, rank: int = 0) -> dict:
     data["losses"] = {int(k): v for k, v in data["losses"].items()}
     data["checksums"] = {int(k): v for k, v in data["checksums"].items()}
     return data
+
+
+def record_yaml(run_dir: Path) -> Path:
+    """A config file that appends RecordTraining (writing to <run_dir>/record) to trainer.callbacks."""
+    path = Path(run_dir) / "rec.yaml"
+    path.write_text(
+        "trainer:\n  callbacks+:\n    - class_path: tests.helpers.fault_injection.RecordTraining\n"
+        f"      init_args:\n        out_dir: {Path(run_dir) / 'record'}\n"
+    )
+    return path
