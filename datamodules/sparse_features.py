@@ -2,8 +2,10 @@
 
 Each feature is on independently with probability `feature_prob`, with a value drawn uniformly from
 `value_range`. Items are whole batches (batch_size, n_features), each generated from its own seed
-(seed, rank, split, index), so data is reproducible, differs between DDP ranks and between epochs, and
-costs nothing to store. Labels are not produced: SPD reconstructs the target's output, and the toy-target
+(seed, split, index), so data is reproducible, differs between epochs, and costs nothing to store. Under
+DDP every rank generates the global batch (world_size x batch_size rows) and keeps its own slice: ranks
+see different data, and a run on N processes sees exactly the global batches of a one-process run with
+N times the batch size. Labels are not produced: SPD reconstructs the target's output, and the toy-target
 trainer asks its model for the labels (`model.labels(x)`).
 """
 
@@ -13,21 +15,21 @@ from collections.abc import Iterator
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_modules.spd.toy_models import sparse_feature_batch
 
 _SPLIT_SALT = {"train": 0, "val": 1}
 
 
-def _item_seed(seed: int, rank: int, split: str, index: int) -> int:
-    """A distinct 63-bit seed per (seed, rank, split, index)."""
-    mixed = (seed * 1_000_003 + rank) * 1_000_033 + _SPLIT_SALT[split]
+def _item_seed(seed: int, split: str, index: int) -> int:
+    """A distinct 63-bit seed per (seed, split, index)."""
+    mixed = seed * 1_000_003 * 1_000_033 + _SPLIT_SALT[split]
     return (mixed * 2_147_483_659 + index) % (2**63 - 1)
 
 
 class SparseFeatureBatches(Dataset):
-    """Item i is a (batch_size, n_features) batch generated from seed (seed, rank, split, i)."""
+    """Item i is this rank's (batch_size, n_features) slice of global batch i (seed (seed, split, i))."""
 
     def __init__(
         self,
@@ -39,9 +41,13 @@ class SparseFeatureBatches(Dataset):
         rank: int = 0,
         split: str = "train",
         value_range: tuple[float, float] = (0.0, 1.0),
+        world_size: int = 1,
     ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank!r} must be in [0, world_size={world_size!r})")
         self.n_features, self.feature_prob, self.batch_size = n_features, feature_prob, batch_size
         self.length, self.seed, self.rank, self.split = length, seed, rank, split
+        self.world_size = world_size
         self.value_range = (float(value_range[0]), float(value_range[1]))
 
     def __len__(self) -> int:
@@ -49,20 +55,24 @@ class SparseFeatureBatches(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         """(batch_size, n_features) float32; any index >= 0 is valid (later epochs use larger ones)."""
-        gen = torch.Generator().manual_seed(_item_seed(self.seed, self.rank, self.split, int(index)))
-        return sparse_feature_batch(
-            self.batch_size, self.n_features, self.feature_prob, gen, value_range=self.value_range
+        gen = torch.Generator().manual_seed(_item_seed(self.seed, self.split, int(index)))
+        rows = self.batch_size * self.world_size  # the global batch; generation is cheap next to SPD
+        batch = sparse_feature_batch(
+            rows, self.n_features, self.feature_prob, gen, value_range=self.value_range
         )
+        return batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].clone()
 
 
-class EpochOffsetSampler(Sampler[int]):
+class EpochOffsetSampler(DistributedSampler):
     """Yields epoch * length + 0..length-1, so every epoch draws fresh batches.
 
-    Lightning calls set_epoch before each epoch; when it cannot (under DDP it wraps this sampler in its
-    DistributedSamplerWrapper, which does not forward set_epoch), each pass advances the epoch itself."""
+    A DistributedSampler over one replica: every rank walks all indices (the dataset slices each global
+    batch by rank), and Lightning, which keeps DistributedSamplers as they are, does not shard the
+    indices again. Lightning calls set_epoch before each epoch; a pass also advances the epoch itself."""
 
-    def __init__(self, length: int) -> None:
-        self.length = length
+    def __init__(self, dataset: SparseFeatureBatches) -> None:
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=False)
+        self.length = len(dataset)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -84,11 +94,11 @@ class SparseFeatureDataModule(LightningDataModule):
     Args:
         n_features: features per example.
         feature_prob: probability that a feature is on.
-        batch_size: examples per batch.
+        batch_size: examples per batch and device (the global batch is batch_size x world size).
         steps_per_epoch: training batches per epoch (each epoch's batches are new).
         val_batches: validation batches (the same every validation).
         value_range: a feature's value when on, uniform in [low, high]: TMS (0, 1), ResidMLP (-1, 1).
-        seed: base seed; the DDP rank is mixed in, so ranks see different data.
+        seed: base seed; under DDP each rank takes its own slice of the global batch.
         num_workers: DataLoader workers (generation is cheap: 0 is usually fastest).
     """
 
@@ -126,33 +136,35 @@ class SparseFeatureDataModule(LightningDataModule):
         self.value_range = (float(value_range[0]), float(value_range[1]))
         self.seed, self.num_workers = seed, num_workers
 
-    def _rank(self) -> int:
-        """The global rank when attached to a Trainer, else 0."""
-        return self.trainer.global_rank if self.trainer is not None else 0
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        """(global rank, world size) when attached to a Trainer, else (0, 1)."""
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
 
     def _dataset(self, split: str, length: int) -> SparseFeatureBatches:
+        rank, world_size = self._rank_and_world_size()
         return SparseFeatureBatches(
             self.n_features,
             self.feature_prob,
             self.batch_size,
             length,
             self.seed,
-            self._rank(),
+            rank,
             split,
             self.value_range,
+            world_size,
         )
 
     def train_dataloader(self) -> DataLoader:
         """steps_per_epoch fresh batches per epoch (batch_size=None: items are already batches)."""
+        dataset = self._dataset("train", self.steps_per_epoch)
         return DataLoader(
-            self._dataset("train", self.steps_per_epoch),
-            batch_size=None,
-            sampler=EpochOffsetSampler(self.steps_per_epoch),
-            num_workers=self.num_workers,
+            dataset, batch_size=None, sampler=EpochOffsetSampler(dataset), num_workers=self.num_workers
         )
 
     def val_dataloader(self) -> DataLoader:
-        """val_batches fixed batches."""
-        return DataLoader(
-            self._dataset("val", self.val_batches), batch_size=None, num_workers=self.num_workers
-        )
+        """val_batches fixed batches (each rank its slice of every one: see EpochOffsetSampler)."""
+        dataset = self._dataset("val", self.val_batches)
+        in_order = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=False)
+        return DataLoader(dataset, batch_size=None, sampler=in_order, num_workers=self.num_workers)

@@ -1,5 +1,9 @@
 """Scaling out on CPU: 2-process DDP (gloo) through train.py against one process with the same global batch."""
 
+import json
+
+from lightning_modules.spd.targets import save_toy_target
+from lightning_modules.spd.toy_models import TMSModel
 from tests.helpers.cli import FAST, ROOT, TINY, run_train
 from tests.helpers.fault_injection import read_record, record_yaml
 
@@ -87,3 +91,54 @@ def test_ddp_two_processes_fit_npt(tmp_path):
     assert rank0["losses"] != rank1["losses"]  # each rank read different windows
     runs = list((tmp_path / "lightning_logs").iterdir())
     assert len(runs) == 1 and (runs[0] / "checkpoints" / "last.ckpt").is_file()
+
+
+SPD_TMS = ROOT / "configs" / "spd" / "tms_5-2.yaml"
+
+
+def test_ddp_two_processes_fit_spd_toy_config_like_one_process(tmp_path):
+    """The SPD TMS config on 2 ranks x 8 examples follows a one-process run at batch 16.
+
+    The parity run uses the deterministic terms (importance minimality, CI-masked and unmasked recon,
+    faithfulness): the stochastic masks are drawn per rank, so stochastic terms differ by design."""
+    target = save_toy_target(tmp_path / "tms.pt", TMSModel(5, 2), "tms", {"n_features": 5, "n_hidden": 2})
+    deterministic = (
+        "{importance_minimality: 0.003, ci_masked_recon: 1.0, unmasked_recon: 1.0, faithfulness: 1.0}"
+    )
+    common = [
+        f"--model.init_args.target={target}",
+        f"--model.init_args.loss_coeffs={deterministic}",
+        "--model.init_args.faithfulness_warmup_steps=3",
+        "--trainer.max_steps=5",
+        "--trainer.val_check_interval=5",
+        "--trainer.log_every_n_steps=1",
+        "--data.init_args.val_batches=1",
+    ]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    single.mkdir(), ddp.mkdir()
+    run_train(
+        single, "fit", "--config", str(SPD_TMS), "--config", str(record_yaml(single)), *common,
+        "--data.init_args.batch_size=16",
+    )  # fmt: skip
+    run_train(
+        ddp, "fit", "--config", str(SPD_TMS), "--config", str(DDP_CPU), "--config", str(record_yaml(ddp)),
+        *common, "--data.init_args.batch_size=8", timeout=900,
+    )  # fmt: skip
+    one = read_record(single / "record")
+    rank0, rank1 = read_record(ddp / "record", 0), read_record(ddp / "record", 1)
+    assert rank0["checksums"] == rank1["checksums"] and rank0["finite"]
+    assert rank0["losses"][1] != rank1["losses"][1]  # each rank took its own half of the global batch
+    for step in range(1, 6):
+        assert abs(rank0["checksums"][step] - one["checksums"][step]) < 1e-6 * (
+            1 + abs(one["checksums"][step])
+        )
+    # the global loss is the mean of the two halves (every deterministic term is a batch mean)
+    assert abs((rank0["losses"][1] + rank1["losses"][1]) / 2 - one["losses"][1]) < 1e-5 * (
+        1 + abs(one["losses"][1])
+    )
+    runs = list((ddp / "lightning_logs").iterdir())
+    assert [r.name for r in runs] == ["version_0"]
+    assert len(list(runs[0].glob("events.out.tfevents.*"))) == 1
+    results = json.loads((runs[0] / "spd_results.json").read_text())  # written once, by rank 0
+    assert set(results["modules"]) == {"linear1", "linear2"}
+    assert (runs[0] / "checkpoints" / "last.ckpt").is_file()

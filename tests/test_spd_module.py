@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from datamodules.sparse_features import SparseFeatureDataModule
 from lightning_modules.gpt.config import GPTConfig
 from lightning_modules.spd.figures import bar_chart, heatmap
-from lightning_modules.spd.module import SPDLightningModule
+from lightning_modules.spd.module import SPDLightningModule, mask_seed
 from lightning_modules.spd.objective import LOSS_NAMES
 from lightning_modules.spd.targets import load_target, save_toy_target
 from lightning_modules.spd.toy_models import ResidMLP, TMSModel, train_toy_model
@@ -289,7 +289,7 @@ def test_n_features_mismatch_fails_at_setup(tms_target, tmp_path):
 # ----------------------------------------------------------------------------- data and figures
 
 
-def test_sparse_feature_data_is_seeded_per_rank_and_epoch():
+def test_sparse_feature_data_is_seeded_per_epoch_and_sliced_per_rank():
     dm = SparseFeatureDataModule(6, 0.3, batch_size=32, steps_per_epoch=3, val_batches=2, seed=5)
     assert dm.vocab_size is None
     a = list(dm.train_dataloader())
@@ -301,12 +301,24 @@ def test_sparse_feature_data_is_seeded_per_rank_and_epoch():
     loader.sampler.set_epoch(0)  # as Lightning does before each epoch (and on resume)
     assert torch.equal(next(iter(loader)), a[0])
     assert torch.equal(list(dm.val_dataloader())[0], list(dm.val_dataloader())[0])
-    dm.trainer = type("FakeTrainer", (), {"global_rank": 1})()  # as under DDP, rank 1
-    assert not torch.equal(next(iter(dm.train_dataloader())), a[0])
+    # under DDP (2 ranks x 16) the ranks split the global batch of a one-process run with batch 32
+    halves = []
+    for rank in (0, 1):
+        half = SparseFeatureDataModule(6, 0.3, batch_size=16, steps_per_epoch=3, val_batches=2, seed=5)
+        half.trainer = type("FakeTrainer", (), {"global_rank": rank, "world_size": 2})()
+        halves.append(next(iter(half.train_dataloader())))
+    assert halves[0].shape == (16, 6) and not torch.equal(halves[0], halves[1])
+    assert torch.equal(torch.cat(halves), a[0])
     x = torch.cat(a)
     assert ((x > 0).float().mean() - 0.3).abs() < 0.05 and x.max() <= 1 and x.min() >= 0
     with pytest.raises(ValueError, match="feature_prob"):
         SparseFeatureDataModule(feature_prob=0.0)
+
+
+def test_mask_seeds_differ_per_rank_step_and_micro_batch():
+    seeds = {mask_seed(7, r, s, b) for r in range(4) for s in range(50) for b in range(4)}
+    assert len(seeds) == 4 * 50 * 4 and all(0 <= x < 2**63 for x in seeds)
+    assert mask_seed(7, 0, 3, 1) == mask_seed(7, 0, 3, 1) != mask_seed(8, 0, 3, 1)
 
 
 def test_figures_are_uint8_images():

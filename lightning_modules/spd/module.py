@@ -40,6 +40,12 @@ def _spd_adamw(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
 
 
+def mask_seed(base: int, rank: int, step: int, batch_idx: int) -> int:
+    """A distinct 63-bit seed per (base, rank, step, batch_idx)."""
+    mixed = ((base * 1_000_003 + rank) * 1_000_033 + step) * 2_147_483_659 + batch_idx
+    return mixed % (2**63 - 1)
+
+
 class SPDLightningModule(pl.LightningModule):
     """Decomposes the target's modules matched by `target_module_patterns` ({fnmatch pattern: C}).
 
@@ -127,6 +133,12 @@ class SPDLightningModule(pl.LightningModule):
         self._acc: EvalAccumulator | None = None
         self._total_steps = 1  # set in configure_optimizers (for the importance-p schedule)
         self._compiled = False
+        # The stochastic masks come from their own generator, reseeded per (rank, step, micro-batch):
+        # drawing them from the global RNG would give every DDP rank the same random numbers (all ranks
+        # share seed_everything's seed), and reseeding per step makes a resumed run draw the masks the
+        # uninterrupted run would have drawn. torch.initial_seed() is seed_everything's seed.
+        self._mask_base_seed = torch.initial_seed()
+        self._mask_gen: torch.Generator | None = None
 
     # ------------------------------------------------------------------ building
     def build(self) -> ComponentModel:
@@ -206,12 +218,21 @@ class SPDLightningModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, _ = self._split(batch)
         frac = self.global_step / self._total_steps
-        out = self.objective(self.cm, x, frac)
+        out = self.objective(self.cm, x, frac, generator=self.mask_generator(x.device, batch_idx))
         self.log("train/loss", out.total, prog_bar=True)
         self.log_dict({f"train/loss/{k}": v for k, v in out.terms.items()})
         self.log_dict({f"train/l0/{n}": (c > 0).sum(-1).float().mean() for n, c in out.ci.items()})
         self.log("train/importance_p", self.objective.p(frac))
         return out.total
+
+    def mask_generator(self, device: torch.device, batch_idx: int) -> torch.Generator:
+        """The generator for this micro-batch's masks, seeded from (base seed, rank, step, batch_idx)."""
+        if self._mask_gen is None or self._mask_gen.device != device:
+            self._mask_gen = torch.Generator(device=device)
+        self._mask_gen.manual_seed(
+            mask_seed(self._mask_base_seed, self.global_rank, self.global_step, batch_idx)
+        )
+        return self._mask_gen
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [
