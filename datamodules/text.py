@@ -141,6 +141,22 @@ def _batches(pieces: Iterator[str], max_chars: int) -> Iterator[list[str]]:
         yield batch
 
 
+_TOKENIZER_CHOICES = (
+    "Valid choices: 'bpe' (byte-level BPE trained on the corpus), 'bytes' (UTF-8 bytes, vocab 256), a local "
+    "tokenizer directory (save_pretrained), or a Hugging Face hub name when online"
+)
+
+
+def _looks_like_path(name: str) -> bool:
+    """True when `name` cannot be a hub repo id ("name" or "owner/name"), so it must be a local path."""
+    return (
+        name.startswith(("/", ".", "~"))
+        or name.count("/") > 1
+        or "\\" in name
+        or (os.sep != "/" and os.sep in name)
+    )
+
+
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if value < 1:
@@ -162,7 +178,8 @@ class TextDataModule(LightningDataModule):
         text_column: the dataset column holding the text.
         streaming: stream the dataset instead of downloading it whole (bounded by `max_chars`).
         tokenizer: "bpe" (byte-level BPE trained on the training split), "bytes" (UTF-8 bytes, vocab 256), or a
-            `transformers` tokenizer name / local directory.
+            `transformers` tokenizer name / local directory, loaded lazily: at prepare_data/setup or the first
+            use of `tokenizer` / `vocab_size`, so a config naming a directory instantiates before it exists.
         bpe_vocab_size: the BPE vocabulary size (>= 257).
         block_size: tokens per training example.
         batch_size: examples per batch.
@@ -225,7 +242,7 @@ class TextDataModule(LightningDataModule):
         self._validate_arguments()
         if self.sources is None and dataset_name is None and max_chars is None:
             self.max_chars = DEFAULT_CORPUS_CHARS
-        self._tokenizer: TextTokenizer | None = self._builtin_or_hf_tokenizer()
+        self._tokenizer: TextTokenizer | None = ByteTokenizer() if tokenizer == "bytes" else None
         self.cache_hit: bool | None = None  # after prepare_data/setup: True when the token cache was reused
         self.cache_path: Path | None = None  # the cache folder used (None for .bin sources)
         self._spans: tuple[TokenSpan, TokenSpan] | None = None
@@ -257,30 +274,71 @@ class TextDataModule(LightningDataModule):
         if self.sources is not None and not self.sources:
             raise ValueError("sources=[] names no file; give files, globs or directories, or None")
 
-    def _builtin_or_hf_tokenizer(self) -> TextTokenizer | None:
-        if self.tokenizer_name == "bytes":
-            return ByteTokenizer()
-        if self.tokenizer_name == "bpe":
-            return None  # trained (or loaded from the cache) in prepare_data/setup
-        return HFTokenizer(self.tokenizer_name)
-
     # ---------------------------------------------------------------------------------------- tokenizer
     @property
-    def vocab_size(self) -> int:
-        """Token ids are < vocab_size: 256 for bytes, bpe_vocab_size for BPE, len(tokenizer) otherwise."""
+    def is_hf_tokenizer(self) -> bool:
+        """Whether `tokenizer` names a transformers tokenizer (hub name or local directory)."""
+        return self.tokenizer_name not in ("bpe", "bytes")
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Token ids are < vocab_size: 256 for bytes, bpe_vocab_size for BPE, len(tokenizer) for a transformers
+        tokenizer (loaded here on first use).
+
+        None while a transformers tokenizer cannot be loaded without the network: a local directory that does
+        not exist (yet) or a hub name not in the local Hugging Face cache. train.py reads vocab_size when it
+        instantiates a config, before anything is trained; prepare_data/setup then load the tokenizer (from
+        the hub if need be) or raise an error naming it."""
         if self.tokenizer_name == "bpe":
             return self.bpe_vocab_size
-        assert self._tokenizer is not None
-        return self._tokenizer.vocab_size
+        if self._tokenizer is None and not self._hf_tokenizer_is_local():
+            return None
+        return self.tokenizer.vocab_size
 
     @property
     def tokenizer(self) -> TextTokenizer:
-        """The tokenizer (for BPE: available after prepare_data/setup)."""
+        """The tokenizer (for BPE: available after prepare_data/setup; a transformers one loads on first use)."""
         if self._tokenizer is None:
-            raise RuntimeError(
-                "the BPE tokenizer is trained or loaded in prepare_data()/setup(); call setup() first"
-            )
+            if not self.is_hf_tokenizer:
+                raise RuntimeError(
+                    "the BPE tokenizer is trained or loaded in prepare_data()/setup(); call setup() first"
+                )
+            self._tokenizer = self._load_hf_tokenizer()
         return self._tokenizer
+
+    def _hf_tokenizer_is_local(self) -> bool:
+        """Whether the transformers tokenizer loads without the network: an existing path or a cached hub name."""
+        name = self.tokenizer_name
+        if Path(name).expanduser().exists():
+            return True
+        if _looks_like_path(name):
+            return False
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            files = ("tokenizer_config.json", "tokenizer.json", "config.json")
+            return any(isinstance(try_to_load_from_cache(name, f), str) for f in files)
+        except Exception:  # not a valid repo id, huggingface_hub missing: not loadable offline
+            return False
+
+    def _load_hf_tokenizer(self) -> HFTokenizer:
+        """The transformers tokenizer; a ValueError naming the path when it is neither a directory nor loadable."""
+        name = self.tokenizer_name
+        path = Path(name).expanduser()
+        if not path.exists():
+            where = f"there is no directory {str(path.absolute())!r}"
+            if _looks_like_path(name):  # not a hub name either: don't wait for the hub
+                raise ValueError(f"tokenizer={name!r} could not be loaded: {where}. {_TOKENIZER_CHOICES}")
+            try:
+                return HFTokenizer(name)
+            except ValueError as err:
+                cause = err.__cause__ or err
+                detail = (str(cause).splitlines() or [""])[0]
+                raise ValueError(
+                    f"tokenizer={name!r} could not be loaded: {where} and no hub tokenizer of that name could "
+                    f"be loaded ({type(cause).__name__}: {detail}). {_TOKENIZER_CHOICES}"
+                ) from err
+        return HFTokenizer(name)  # a local directory: load_hf_tokenizer's error names it
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`."""
@@ -306,6 +364,8 @@ class TextDataModule(LightningDataModule):
 
     def _prepare(self) -> tuple[TokenSpan, TokenSpan]:
         if self._spans is None:
+            if self.is_hf_tokenizer:
+                self._tokenizer = self.tokenizer  # load it now: a missing one fails before any text is read
             bin_source = resolve_bin_source(self.sources) if self.sources is not None else None
             self._spans = self._prepare_bin(bin_source) if bin_source else self._prepare_text()
             self._check_split_lengths(*self._spans)

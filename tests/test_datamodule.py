@@ -379,8 +379,10 @@ def test_bad_numbers_fail_in_init(kwargs: dict, bad: str) -> None:
 
 @pytest.mark.parametrize("name", ["no-such-tokenizer-xyz", "/no/such/tokenizer/dir"])
 def test_unknown_tokenizer(name: str) -> None:
+    dm = TextDataModule(tokenizer=name)  # loaded lazily: configs instantiate before the directory exists
+    assert dm.vocab_size is None
     with pytest.raises(ValueError, match=f"{name}.*'bpe'.*'bytes'.*local tokenizer directory"):
-        TextDataModule(tokenizer=name)
+        dm.prepare_data()
 
 
 @pytest.mark.parametrize("pattern", ["missing.txt", "nothing/**/*.txt", "no_dir/"])

@@ -1,23 +1,34 @@
 """Loading the frozen model SPD decomposes: a toy target file, a toy-target or GPT Lightning checkpoint,
-or a local `transformers` GPT-2 directory.
+or a local `transformers` causal-LM directory (save_pretrained; GPT-2 or Llama, never the hub).
 
 Toy target file (written by `ToyTargetLightningModule` at the end of fit, or `save_toy_target`): a
 `torch.save`d dict {"spd_toy_target": {"model_type", "model_kwargs"}, "state_dict", "checks"}. The
 toy-target trainer's Lightning checkpoints carry the same "spd_toy_target" entry, so they load too.
+
+transformers directories: config.json's `model_type` picks the loader. GPT-2 becomes our GPT (same module
+names, `nn.Linear` projections, logits equal to float32 precision) unless it uses an option our GPT does
+not implement; then, like Llama, the transformers model itself is the target, wrapped in `HFCausalLM` so
+its forward returns the logits tensor and its module names stay the transformers ones
+(`model.layers.0.self_attn.q_proj`, `transformer.h.0.attn.c_attn` as a `Conv1D`).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .toy_models import ResidMLP, TMSModel
 
+log = logging.getLogger(__name__)
+
 TOY_MODEL_TYPES = {"tms": TMSModel, "resid_mlp": ResidMLP}
 TOY_KEY = "spd_toy_target"
+HF_MODEL_TYPES = ("gpt2", "llama")  # config.json model_type of the transformers directories we load
 
 
 def build_toy_model(model_type: str, model_kwargs: dict[str, Any]) -> TMSModel | ResidMLP:
@@ -59,22 +70,101 @@ def _strip_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
     return state
 
 
+class HFCausalLM(nn.Module):
+    """A transformers causal LM as an SPD target: forward(input_ids) -> logits (b, s, vocab).
+
+    The wrapped model's children are registered as this module's own, so module names (the SPD patterns)
+    and state-dict keys are the transformers ones; the model itself is held outside the module tree.
+    """
+
+    def __init__(self, hf_model: nn.Module) -> None:
+        super().__init__()
+        for name, child in hf_model.named_children():
+            self.add_module(name, child)
+        for name, param in hf_model.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buf in hf_model.named_buffers(recurse=False):
+            self.register_buffer(name, buf)
+        object.__setattr__(self, "hf_model", hf_model)  # not a submodule: names stay unprefixed
+        self.config = hf_model.config
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.hf_model(input_ids=input_ids, use_cache=False).logits
+
+    def train(self, mode: bool = True) -> HFCausalLM:
+        super().train(mode)
+        self.hf_model.train(mode)  # the top-level model's own flag (its children are ours)
+        return self
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The token embedding table."""
+        return self.hf_model.get_input_embeddings()
+
+
+def hf_model_type(source: Path) -> str:
+    """config.json's model_type of a transformers directory; errors name the path and the valid types."""
+    config_path = source / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"target {str(source)!r} is a directory without config.json; give a transformers GPT-2 or Llama "
+            "directory (save_pretrained), a toy target file or a Lightning .ckpt"
+        )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"target {str(source)!r}: config.json could not be read ({err})") from err
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(
+            f"target {str(source)!r} is a transformers model of model_type {model_type!r}; supported model "
+            f"types: {list(HF_MODEL_TYPES)} (causal LMs saved with save_pretrained)"
+        )
+    return model_type
+
+
+def load_hf_target(source: Path) -> nn.Module:
+    """A local transformers GPT-2 / Llama directory as a float32 target (see the module docstring)."""
+    model_type = hf_model_type(source)
+    from transformers import AutoModelForCausalLM
+
+    try:
+        hf_model, info = AutoModelForCausalLM.from_pretrained(
+            source, local_files_only=True, dtype=torch.float32, output_loading_info=True
+        )
+    except Exception as err:  # missing / corrupt weights, a config transformers rejects
+        first = (str(err).splitlines() or [""])[0]
+        raise ValueError(
+            f"target {str(source)!r}: the transformers {model_type} model could not be loaded "
+            f"({type(err).__name__}: {first})"
+        ) from err
+    missing = [k for k in info.get("missing_keys", ()) if not k.endswith((".attn.bias", ".masked_bias"))]
+    if missing:  # transformers would have initialised these randomly
+        raise ValueError(
+            f"target {str(source)!r}: the weights lack {sorted(missing)[:5]}; is it a "
+            f"{model_type} causal LM (with its LM head) saved with save_pretrained?"
+        )
+    hf_model.eval()
+    if model_type == "gpt2":
+        from lightning_modules.gpt.hf import config_from_hf, gpt_from_hf
+
+        try:
+            config_from_hf(hf_model.config)
+        except ValueError as err:
+            log.info("target %s: decomposing transformers' GPT2LMHeadModel itself (%s)", source, err)
+            return HFCausalLM(hf_model).eval()
+        return gpt_from_hf(hf_model).eval()
+    return HFCausalLM(hf_model).eval()
+
+
 def load_target(path: str) -> nn.Module:
     """The target model at `path` (see the module docstring); clear errors naming the path."""
     source = Path(path).expanduser()
     if source.is_dir():
-        if not (source / "config.json").is_file():
-            raise FileNotFoundError(
-                f"target {str(source)!r} is a directory without config.json; give a transformers GPT-2 "
-                "directory (save_pretrained), a toy target file or a Lightning .ckpt"
-            )
-        from lightning_modules.gpt.checkpoint import load_gpt_weights
-
-        return load_gpt_weights(str(source))
+        return load_hf_target(source)
     if not source.is_file():
         raise FileNotFoundError(
             f"target {str(source)!r} does not exist; train one first (e.g. configs/spd/*_target.yaml) or "
-            "give a GPT .ckpt / transformers GPT-2 directory"
+            "give a GPT .ckpt / transformers GPT-2 or Llama directory"
         )
     try:
         payload = torch.load(source, map_location="cpu", weights_only=False)
@@ -127,6 +217,19 @@ def check_target_data(
         )
     if not is_toy and vocab_size is None:
         raise ValueError(f"LM target {path!r} needs token data (vocab_size is None: use TextDataModule)")
-    rows = getattr(getattr(target, "config", None), "padded_vocab_size", None)
+    rows = embedded_tokens(target)
     if rows is not None and vocab_size is not None and vocab_size > rows:
         raise ValueError(f"the data has {vocab_size} tokens but the target {path!r} embeds only {rows}")
+
+
+def embedded_tokens(target: nn.Module) -> int | None:
+    """Rows of an LM target's token embedding: our GPT's padded_vocab_size, a transformers config's
+    vocab_size, else the input embedding's size; None for toys."""
+    config = getattr(target, "config", None)
+    for attr in ("padded_vocab_size", "vocab_size"):
+        rows = getattr(config, attr, None)
+        if isinstance(rows, int):
+            return rows
+    get_embeddings = getattr(target, "get_input_embeddings", None)
+    embedding = get_embeddings() if callable(get_embeddings) else None
+    return embedding.num_embeddings if isinstance(embedding, nn.Embedding) else None

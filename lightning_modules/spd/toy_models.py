@@ -44,6 +44,7 @@ class TMSModel(nn.Module):
         n_hidden_layers: int = 0,
         tied: bool = True,
         identity_insert: bool = False,
+        init_bias_to_zero: bool = False,
     ) -> None:
         super().__init__()
         self.n_features, self.n_hidden = n_features, n_hidden
@@ -63,6 +64,9 @@ class TMSModel(nn.Module):
         self.linear2: nn.Linear = (
             TiedTransposeLinear(self.linear1) if tied else nn.Linear(n_hidden, n_features, bias=True)
         )
+        if init_bias_to_zero:  # the reference's TMS 40-10 recipe (5-2 keeps nn.Linear's init)
+            with torch.no_grad():
+                self.linear2.bias.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., n_features) -> x_hat (..., n_features)."""
@@ -194,6 +198,7 @@ def check_tms_target(
     mse = F.mse_loss(model(x), x).item()
     checks = {
         "feature_norms": norms.tolist(),
+        "represented_features": int((norms > 0.9).sum()),
         "norms_ok": bool((norms > 0.9).all()),
         "diag": diag.tolist(),
         "diag_ok": bool(((diag - 0.75).abs() < 0.1).all()),
