@@ -37,6 +37,18 @@ def _vocab_size_of(datamodule: Any) -> int | None:
     return getattr(datamodule, "vocab_size", None)
 
 
+def check_checkpoint_settings(checkpoint: Any) -> None:
+    """Reject save_top_k=0 with save_last: Lightning 2.6 then writes last.ckpt only when a top-k checkpoint
+    is written, i.e. once at the very end of fit, so a crash loses the whole run."""
+    get = checkpoint.get if hasattr(checkpoint, "get") else lambda key, default=None: default
+    if get("save_top_k", 1) == 0 and get("save_last", None):
+        raise ValueError(
+            f"checkpoint.save_top_k=0 with checkpoint.save_last={get('save_last')!r}: Lightning writes last.ckpt "
+            "only alongside a top-k checkpoint, so this run would save once, at the end of fit, and a crash "
+            "would lose it. Use save_top_k: 1 (monitor None keeps the newest) with save_last: link (or true)."
+        )
+
+
 class CollectionCLI(LightningCLI):
     """LightningCLI with always-on checkpointing, LR monitoring and RNG state in checkpoints, and the data's
     vocabulary size linked to the model."""
@@ -55,6 +67,7 @@ class CollectionCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.config.get("subcommand") or "", self.config)
         require_strategy_packages(config.get("trainer", {}).get("strategy"))
+        check_checkpoint_settings(config.get("checkpoint", {}))
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads --ckpt_path with a bare torch.load to restore hyper-parameters; read it through

@@ -4,6 +4,10 @@ and every architecture/speed switch vs the GPT-2 baseline. Medians over interlea
     python benchmarks/gpt_speed.py --size tiny --device cpu            # a few minutes on 2 CPU cores
     python benchmarks/gpt_speed.py --size d12 --device cuda --precision bf16-mixed
 
+Per variant: tokens/s, model TFLOP/s and MFU (training FLOPs per step counted by torch's FlopCounterMode
+on a meta-device copy, over callbacks.throughput.PEAK_FLOPS: CUDA only), peak memory (CUDA: the caching
+allocator's peak; CPU: the peak resident memory of a fresh process above what the built model occupies,
+i.e. activations + gradients + optimizer state) and the validation loss after the same tokens.
 Prints markdown tables and writes JSON (default benchmarks/results/gpt_speed_<size>_<device>.json).
 """
 
@@ -14,6 +18,8 @@ import dataclasses
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -24,6 +30,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
+from callbacks.throughput import peak_flops_for
 from lightning_modules.common.optim import decay_param_groups, warmup_cosine_lambda
 from lightning_modules.gpt import GPT, GPTConfig, GPTLightningModule
 
@@ -123,7 +130,9 @@ def plain_loop(
         weight_decay=0.1,
         fused=device.type == "cuda",
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine_lambda(10, len(batches), 0.1))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, warmup_cosine_lambda(min(10, len(batches) - 1), len(batches), 0.1)
+    )  # the module caps warmup at total - 1 too
     losses, times = [], []
     sync(device)
     last = time.perf_counter()
@@ -207,6 +216,49 @@ def peak_memory_mb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
 
 
+def training_flops_per_step(config: GPTConfig, batch: int) -> int:
+    """Forward + backward FLOPs of one step (FlopCounterMode on a meta-device model; recompute excluded)."""
+    from lightning.fabric.utilities.throughput import measure_flops
+
+    with torch.device("meta"):
+        model = GPT(dataclasses.replace(config, gradient_checkpointing=False))
+        x = torch.zeros(batch, config.block_size, dtype=torch.long)
+    return measure_flops(model, lambda: model(x), loss_fn=lambda logits: logits.sum())
+
+
+def _vm_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def cpu_memory_probe(name: str, size: dict[str, Any], args) -> dict[str, float]:
+    """In this (fresh) process: build the variant, reset the peak-RSS mark, train a few steps and
+    return the peak resident memory above the built model (MiB). Linux only (/proc)."""
+    config, compile_model = resolve(size, VARIANTS[name])
+    batches = synthetic_batches(config.vocab_size, size["batch"], config.block_size, args.memory_steps)
+    torch.manual_seed(0)
+    model = GPT(config)
+    if compile_model:
+        model.compile()
+    before = _vm_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (the peak) to the current RSS
+    plain_loop(model, batches, torch.device("cpu"), args.precision, args.lr, ours_loss)
+    return {"model_rss_mb": before / 1024, "training_peak_mb": (_vm_kib("VmHWM") - before) / 1024}
+
+
+def cpu_training_memory(name: str, args) -> float | None:
+    """Run cpu_memory_probe for one variant in a fresh interpreter (peaks don't leak between variants)."""
+    cmd = [sys.executable, __file__, "--size", args.size, "--device", "cpu", "--memory_probe", name]
+    cmd += ["--memory_steps", str(args.memory_steps), "--precision", args.precision]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=None)
+    if done.returncode != 0:
+        print(f"memory probe {name} failed:\n{done.stderr[-2000:]}")
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])["training_peak_mb"]
+
+
 def compare_lightning_vs_plain(args, size, device) -> dict[str, Any]:
     config, _ = resolve(size, {})
     batches = synthetic_batches(config.vocab_size, size["batch"], config.block_size, args.steps)
@@ -283,13 +335,22 @@ def compare_switches(args, size, device, val_batches) -> dict[str, Any]:
             memory[name] = peak_memory_mb(device)
             if round_idx == 0 and val_batches is not None:
                 quality[name] = train_and_validate(config, compile_model, val_batches, device, args)
+    if device.type == "cpu" and not args.skip_memory:
+        memory = {name: cpu_training_memory(name, args) for name in names}
+    dtype = torch.bfloat16 if args.precision.startswith("bf16") else torch.float32
+    peak = peak_flops_for(device, dtype)
     base = statistics.median(speed["baseline"])
     rows = {}
     for name in names:
         tps = statistics.median(speed[name])
+        flops = training_flops_per_step(resolve(size, VARIANTS[name])[0], size["batch"])
+        achieved = flops * tps / tokens
         rows[name] = {
             "tokens_per_s": tps,
             "speedup_vs_baseline": tps / base,
+            "flops_per_step": flops,
+            "model_tflops_per_s": achieved / 1e12,
+            "mfu": achieved / peak if peak else None,
             "peak_memory_mb": memory[name],
             "memory_vs_baseline": (memory[name] / memory["baseline"]) if memory.get("baseline") else None,
             "val_loss": quality.get(name),
@@ -354,15 +415,19 @@ def print_tables(result: dict[str, Any]) -> None:
     print(
         f"| our GPT vs transformers GPT2LMHeadModel | {hf['tokens_per_s_ratio_median']:.3f} | >= 1 | same optimiser |"
     )
-    print("\n| variant | tokens/s | vs baseline | peak MB | mem vs base | val loss | report's claim |")
-    print("|---|---|---|---|---|---|---|")
+    mem_kind = "train MiB" if result["machine"]["device_type"] == "cpu" else "peak MiB"
+    print(
+        f"\n| variant | tokens/s | vs baseline | TFLOP/s | MFU | {mem_kind} | mem vs base | val loss | claim |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, row in result["switches"].items():
         mem = f"{row['peak_memory_mb']:.0f}" if row["peak_memory_mb"] else "n/a"
         mem_ratio = f"{row['memory_vs_baseline']:.2f}" if row["memory_vs_baseline"] else "n/a"
         val = f"{row['val_loss']:.3f}" if row["val_loss"] is not None else "n/a"
+        mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] else "n/a"
         print(
-            f"| {name} | {row['tokens_per_s']:.0f} | {row['speedup_vs_baseline']:.2f}x | {mem} | {mem_ratio} | "
-            f"{val} | {row['claim']} |"
+            f"| {name} | {row['tokens_per_s']:.0f} | {row['speedup_vs_baseline']:.2f}x | "
+            f"{row['model_tflops_per_s']:.3f} | {mfu} | {mem} | {mem_ratio} | {val} | {row['claim']} |"
         )
 
 
@@ -383,10 +448,16 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--variants", nargs="*", default=None, help=f"subset of {list(VARIANTS)}")
     parser.add_argument("--skip_quality", action="store_true")
+    parser.add_argument("--skip_memory", action="store_true", help="CPU: skip the per-variant memory probes")
+    parser.add_argument("--memory_steps", type=int, default=3, help="steps per CPU memory probe")
+    parser.add_argument("--memory_probe", default=None, help=argparse.SUPPRESS)  # internal: one probe
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
     args.precision = args.precision or ("bf16-mixed" if device.type == "cuda" else "32-true")
+    if args.memory_probe:
+        print(json.dumps(cpu_memory_probe(args.memory_probe, SIZES[args.size], args)))
+        return
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     size = SIZES[args.size]
@@ -396,6 +467,7 @@ def main() -> None:
             "device": torch.cuda.get_device_name()
             if device.type == "cuda"
             else platform.processor() or "cpu",
+            "device_type": device.type,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "precision": args.precision,

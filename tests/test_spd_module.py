@@ -19,6 +19,7 @@ from lightning_modules.spd.targets import load_target, save_toy_target
 from lightning_modules.spd.toy_models import ResidMLP, TMSModel, train_toy_model
 from lightning_modules.spd.toy_target import ToyTargetLightningModule
 from tests.helpers.cli import ROOT, run_train
+from tests.helpers.fault_injection import read_record, record_yaml
 from tests.helpers.trainers import quiet_trainer
 
 SPD_CONFIGS = ROOT / "configs" / "spd"
@@ -341,6 +342,8 @@ def test_train_cli_target_then_decomposition(tmp_path):
         "fit",
         "--config",
         str(SPD_CONFIGS / "tms_5-2.yaml"),
+        "--config",
+        str(record_yaml(tmp_path)),
         "--trainer.max_steps=4",
         "--trainer.val_check_interval=2",
         "--data.init_args.batch_size=128",
@@ -348,6 +351,19 @@ def test_train_cli_target_then_decomposition(tmp_path):
     )
     results = json.loads((tmp_path / "lightning_logs" / "version_1" / "spd_results.json").read_text())
     assert results["global_step"] == 4 and set(results["modules"]) == {"linear1", "linear2"}
+    # the shipped checkpoint settings save at every validation, not only at the end of fit
+    assert "last.ckpt" in read_record(tmp_path / "record")["checkpoints"][3]
+    last = tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"
+    assert last.is_symlink() and last.resolve().name == "epoch=0-step=4.ckpt"
+
+
+def test_train_cli_rejects_checkpoints_only_at_the_end(tmp_path):
+    result = run_train(
+        tmp_path, "fit", "--config", str(SPD_CONFIGS / "tms_5-2.yaml"), "--checkpoint.save_top_k=0",
+        "--checkpoint.save_last=true", check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "checkpoint.save_top_k=0" in result.stderr and "save_last: link" in result.stderr
 
 
 def test_train_cli_missing_target_names_the_path(tmp_path):

@@ -50,7 +50,8 @@ class SPDLightningModule(pl.LightningModule):
     """Decomposes the target's modules matched by `target_module_patterns` ({fnmatch pattern: C}).
 
     Args:
-        target: a toy target file / checkpoint, a GPT .ckpt, or a transformers GPT-2 directory; None
+        target: a toy target file / checkpoint, a GPT .ckpt, or a local transformers GPT-2 / Llama
+            directory; None
             with `random_target` (GPTConfig fields): a freshly initialised GPT, for smoke runs only.
         vocab_size: linked from the data (None for sparse features); must fit the LM target's vocabulary.
         tied_components: {dst: src}: dst's V, U share src's U^T, V^T (TMS's tied linear2 = linear1^T).
@@ -182,7 +183,11 @@ class SPDLightningModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if self.hparams.cpu_threads and self.trainer.strategy.root_device.type == "cpu":
             torch.set_num_threads(self.hparams.cpu_threads)
-        n_features = getattr(getattr(self.trainer, "datamodule", None), "n_features", None)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.hparams.vocab_size is None and getattr(datamodule, "vocab_size", None) is not None:
+            # a transformers tokenizer that first loads in prepare_data: train.py linked None at parse time
+            self.hparams.vocab_size = datamodule.vocab_size
+        n_features = getattr(datamodule, "n_features", None)
         check_target_data(self.build().target_model, self.hparams.vocab_size, n_features, self.hparams.target)
 
     def configure_model(self) -> None:

@@ -23,12 +23,14 @@ class PoisonGradients(pl.Callback):
 
 
 class RecordTraining(pl.Callback):
-    """Write {step: loss} and {step: weight checksum after the step} to <out_dir>/rank<r>.json."""
+    """Write {step: loss}, {step: weight checksum after the step} and {step: checkpoint files present} to
+    <out_dir>/rank<r>.json."""
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = Path(out_dir)
         self.losses: dict[int, float] = {}
         self.checksums: dict[int, float] = {}
+        self.checkpoints: dict[int, list[str]] = {}
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
@@ -36,6 +38,8 @@ class RecordTraining(pl.Callback):
         step = trainer.global_step  # already incremented: this is the step just taken
         self.losses[step] = float(outputs["loss"])
         self.checksums[step] = float(sum(p.detach().double().sum() for p in pl_module.parameters()))
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+        self.checkpoints[step] = sorted(os.listdir(dirpath)) if dirpath and os.path.isdir(dirpath) else []
         self._write(trainer)
 
     def _write(self, trainer: pl.Trainer) -> None:
@@ -44,7 +48,14 @@ class RecordTraining(pl.Callback):
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         finite = all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
         tmp.write_text(
-            json.dumps({"losses": self.losses, "checksums": self.checksums, "finite": bool(finite)})
+            json.dumps(
+                {
+                    "losses": self.losses,
+                    "checksums": self.checksums,
+                    "checkpoints": self.checkpoints,
+                    "finite": bool(finite),
+                }
+            )
         )
         os.replace(tmp, path)
 
@@ -54,6 +65,7 @@ def read_record(out_dir: Path, rank: int = 0) -> dict:
     data = json.loads((Path(out_dir) / f"rank{rank}.json").read_text())
     data["losses"] = {int(k): v for k, v in data["losses"].items()}
     data["checksums"] = {int(k): v for k, v in data["checksums"].items()}
+    data["checkpoints"] = {int(k): v for k, v in data.get("checkpoints", {}).items()}
     return data
 
 
