@@ -387,3 +387,15 @@ def test_shipped_tms_5_2_recipe_meets_acceptance(tmp_path):
     metrics = results["metrics"]
     assert metrics["recon/stochastic"] < 0.1 * metrics["target_output_sq"]
     assert metrics["recon/unmasked"] < 0.01 * metrics["target_output_sq"]
+
+
+@pytest.mark.slow
+def test_shipped_resid_mlp1_recipe_meets_acceptance(tmp_path):
+    """The ResidMLP configs: mlp_in gets one component per feature (50 alive, identity CI error 0)."""
+    run_train(tmp_path, "fit", "--config", str(SPD_CONFIGS / "resid_mlp1_target.yaml"), timeout=1800)
+    run_train(tmp_path, "fit", "--config", str(SPD_CONFIGS / "resid_mlp1.yaml"), timeout=7200)
+    results = json.loads((tmp_path / "lightning_logs" / "version_1" / "spd_results.json").read_text())
+    row = results["modules"]["layers.0.mlp_in"]
+    assert row["alive_components"] == 50 and row["identity_ci_error"] == 0 and row["mmcs"] >= 0.99, row
+    metrics = results["metrics"]
+    assert metrics["recon/stochastic"] < 0.05 * metrics["recon/zero"]
