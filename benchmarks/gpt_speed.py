@@ -29,6 +29,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from proc_memory import proc_status_bytes, reset_peak_rss
 
 from callbacks.throughput import peak_flops_for
 from lightning_modules.common.optim import decay_param_groups, warmup_cosine_lambda
@@ -226,13 +227,6 @@ def training_flops_per_step(config: GPTConfig, batch: int) -> int:
     return measure_flops(model, lambda: model(x), loss_fn=lambda logits: logits.sum())
 
 
-def _vm_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def cpu_memory_probe(name: str, size: dict[str, Any], args) -> dict[str, float]:
     """In this (fresh) process: build the variant, reset the peak-RSS mark, train a few steps and
     return the peak resident memory above the built model (MiB). Linux only (/proc)."""
@@ -242,10 +236,9 @@ def cpu_memory_probe(name: str, size: dict[str, Any], args) -> dict[str, float]:
     model = GPT(config)
     if compile_model:
         model.compile()
-    before = _vm_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (the peak) to the current RSS
+    before = reset_peak_rss()  # the peak mark now starts at the built model's RSS
     plain_loop(model, batches, torch.device("cpu"), args.precision, args.lr, ours_loss)
-    return {"model_rss_mb": before / 1024, "training_peak_mb": (_vm_kib("VmHWM") - before) / 1024}
+    return {"model_rss_mb": before / 2**20, "training_peak_mb": (proc_status_bytes("VmHWM") - before) / 2**20}
 
 
 def cpu_training_memory(name: str, args) -> float | None:

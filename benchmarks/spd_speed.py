@@ -34,6 +34,8 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from proc_memory import proc_status_bytes, reset_peak_rss  # noqa: E402
+
 from lightning_modules.gpt.config import GPTConfig  # noqa: E402
 from lightning_modules.gpt.model import GPT  # noqa: E402
 from lightning_modules.spd import losses as L  # noqa: E402
@@ -207,20 +209,6 @@ def check_equal_losses(name: str, device: str) -> dict[str, float]:
     return diffs
 
 
-def _proc_status_bytes(field: str) -> int:
-    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _rss_reset_peak() -> int:
-    """Reset the peak-RSS mark (VmHWM) to the current RSS and return it (Linux >= 4.0)."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _proc_status_bytes("VmRSS")
-
-
 def time_one(name: str, impl: str, device: str, steps: int, warmup: int) -> dict[str, float]:
     """Median step time (forward + backward + AdamW) and peak memory of one implementation."""
     cm, x, loss_type = build(name, device)
@@ -255,7 +243,7 @@ def time_one(name: str, impl: str, device: str, steps: int, warmup: int) -> dict
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _rss_reset_peak()
+        base = reset_peak_rss()
     for _ in range(warmup):
         step()
     sync()
@@ -268,7 +256,7 @@ def time_one(name: str, impl: str, device: str, steps: int, warmup: int) -> dict
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = _proc_status_bytes("VmHWM") - base
+        peak = proc_status_bytes("VmHWM") - base
     return {"step_ms": statistics.median(times) * 1e3, "peak_mib": max(0, peak) / 2**20}
 
 
