@@ -34,6 +34,7 @@ from proc_memory import proc_status_bytes, reset_peak_rss
 from callbacks.throughput import peak_flops_for
 from lightning_modules.common.optim import decay_param_groups, warmup_cosine_lambda
 from lightning_modules.gpt import GPT, GPTConfig, GPTLightningModule
+from lightning_modules.gpt.module import training_flops
 
 SIZES = {
     "tiny": dict(block_size=128, n_layer=4, n_head=4, n_embd=128, vocab_size=4096, batch=16),
@@ -217,16 +218,6 @@ def peak_memory_mb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
 
 
-def training_flops_per_step(config: GPTConfig, batch: int) -> int:
-    """Forward + backward FLOPs of one step (FlopCounterMode on a meta-device model; recompute excluded)."""
-    from lightning.fabric.utilities.throughput import measure_flops
-
-    with torch.device("meta"):
-        model = GPT(dataclasses.replace(config, gradient_checkpointing=False))
-        x = torch.zeros(batch, config.block_size, dtype=torch.long)
-    return measure_flops(model, lambda: model(x), loss_fn=lambda logits: logits.sum())
-
-
 def cpu_memory_probe(name: str, size: dict[str, Any], args) -> dict[str, float]:
     """In this (fresh) process: build the variant, reset the peak-RSS mark, train a few steps and
     return the peak resident memory above the built model (MiB). Linux only (/proc)."""
@@ -336,7 +327,7 @@ def compare_switches(args, size, device, val_batches) -> dict[str, Any]:
     rows = {}
     for name in names:
         tps = statistics.median(speed[name])
-        flops = training_flops_per_step(resolve(size, VARIANTS[name])[0], size["batch"])
+        flops = training_flops(resolve(size, VARIANTS[name])[0], (size["batch"], size["block_size"]))
         achieved = flops * tps / tokens
         rows[name] = {
             "tokens_per_s": tps,

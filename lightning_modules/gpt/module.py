@@ -28,6 +28,17 @@ from lightning_modules.gpt.model import GPT
 log = logging.getLogger(__name__)
 
 
+def training_flops(config: GPTConfig, shape: tuple[int, int]) -> int:
+    """Forward + backward FLOPs of one (batch, seq) batch, counted by FlopCounterMode on a meta-device copy
+    of the model (gradient checkpointing's recompute is not model FLOPs, so it is off in the copy)."""
+    from lightning.fabric.utilities.throughput import measure_flops
+
+    with torch.device("meta"):
+        meta_model = GPT(dataclasses.replace(config, gradient_checkpointing=False))
+        x = torch.zeros(shape, dtype=torch.long)
+    return measure_flops(meta_model, lambda: meta_model(x), loss_fn=lambda logits: logits.sum())
+
+
 class GPTLightningModule(pl.LightningModule):
     """Trains a GPT on (x, y) token batches of shape (batch, seq).
 
@@ -213,13 +224,7 @@ class GPTLightningModule(pl.LightningModule):
 
     def measure_flops_per_batch(self, batch: tuple[torch.Tensor, ...]) -> int:
         """Training FLOPs (forward + backward) of one batch, counted on a meta-device copy of the model."""
-        from lightning.fabric.utilities.throughput import measure_flops
-
-        shape = batch[0].shape
-        with torch.device("meta"):
-            meta_model = GPT(dataclasses.replace(self.config, gradient_checkpointing=False))
-            x = torch.zeros(shape, dtype=torch.long)
-        return measure_flops(meta_model, lambda: meta_model(x), loss_fn=lambda logits: logits.sum())
+        return training_flops(self.config, tuple(batch[0].shape))
 
     def configure_optimizers(self) -> dict[str, Any]:
         groups = decay_param_groups(self.model.named_parameters())
