@@ -17,15 +17,10 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lightning_modules.common.seeds import mixed_seed
 from lightning_modules.spd.toy_models import sparse_feature_batch
 
 _SPLIT_SALT = {"train": 0, "val": 1}
-
-
-def _item_seed(seed: int, split: str, index: int) -> int:
-    """A distinct 63-bit seed per (seed, split, index)."""
-    mixed = seed * 1_000_003 * 1_000_033 + _SPLIT_SALT[split]
-    return (mixed * 2_147_483_659 + index) % (2**63 - 1)
 
 
 class SparseFeatureBatches(Dataset):
@@ -55,7 +50,7 @@ class SparseFeatureBatches(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         """(batch_size, n_features) float32; any index >= 0 is valid (later epochs use larger ones)."""
-        gen = torch.Generator().manual_seed(_item_seed(self.seed, self.split, int(index)))
+        gen = torch.Generator().manual_seed(mixed_seed(self.seed, 0, _SPLIT_SALT[self.split], int(index)))
         rows = self.batch_size * self.world_size  # the global batch; generation is cheap next to SPD
         batch = sparse_feature_batch(
             rows, self.n_features, self.feature_prob, gen, value_range=self.value_range

@@ -11,9 +11,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from datamodules.sparse_features import SparseFeatureDataModule
+from lightning_modules.common.seeds import mixed_seed
 from lightning_modules.gpt.config import GPTConfig
 from lightning_modules.spd.figures import bar_chart, heatmap
-from lightning_modules.spd.module import SPDLightningModule, mask_seed
+from lightning_modules.spd.module import SPDLightningModule
 from lightning_modules.spd.objective import LOSS_NAMES
 from lightning_modules.spd.targets import load_target, save_toy_target
 from lightning_modules.spd.toy_models import ResidMLP, TMSModel, train_toy_model
@@ -317,9 +318,9 @@ def test_sparse_feature_data_is_seeded_per_epoch_and_sliced_per_rank():
 
 
 def test_mask_seeds_differ_per_rank_step_and_micro_batch():
-    seeds = {mask_seed(7, r, s, b) for r in range(4) for s in range(50) for b in range(4)}
+    seeds = {mixed_seed(7, r, s, b) for r in range(4) for s in range(50) for b in range(4)}
     assert len(seeds) == 4 * 50 * 4 and all(0 <= x < 2**63 for x in seeds)
-    assert mask_seed(7, 0, 3, 1) == mask_seed(7, 0, 3, 1) != mask_seed(8, 0, 3, 1)
+    assert mixed_seed(7, 0, 3, 1) == mixed_seed(7, 0, 3, 1) != mixed_seed(8, 0, 3, 1)
 
 
 def test_figures_are_uint8_images():

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from lightning_modules.common.optim import build_optimizer, warmup_cosine_lambda
 from lightning_modules.common.paths import run_dir
+from lightning_modules.common.seeds import mixed_seed
 from lightning_modules.gpt.config import GPTConfig
 
 from .component_model import ComponentModel, tie_component_weights_
@@ -38,12 +39,6 @@ from .targets import check_target_data, load_target, random_gpt
 def _spd_adamw(params: Any) -> torch.optim.Optimizer:
     """SPD's optimizer: AdamW lr 1e-3, no weight decay."""
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-
-
-def mask_seed(base: int, rank: int, step: int, batch_idx: int) -> int:
-    """A distinct 63-bit seed per (base, rank, step, batch_idx)."""
-    mixed = ((base * 1_000_003 + rank) * 1_000_033 + step) * 2_147_483_659 + batch_idx
-    return mixed % (2**63 - 1)
 
 
 class SPDLightningModule(pl.LightningModule):
@@ -235,7 +230,7 @@ class SPDLightningModule(pl.LightningModule):
         if self._mask_gen is None or self._mask_gen.device != device:
             self._mask_gen = torch.Generator(device=device)
         self._mask_gen.manual_seed(
-            mask_seed(self._mask_base_seed, self.global_rank, self.global_step, batch_idx)
+            mixed_seed(self._mask_base_seed, self.global_rank, self.global_step, batch_idx)
         )
         return self._mask_gen
 
