@@ -1,6 +1,7 @@
 """Scaling out on CPU: 2-process DDP (gloo) through train.py against one process with the same global batch."""
 
 import json
+from pathlib import Path
 
 from lightning_modules.spd.targets import save_toy_target
 from lightning_modules.spd.toy_models import TMSModel
@@ -8,6 +9,15 @@ from tests.helpers.cli import FAST, ROOT, TINY, run_train
 from tests.helpers.fault_injection import read_record, record_yaml
 
 DDP_CPU = ROOT / "configs" / "trainer" / "ddp_cpu.yaml"
+
+
+def the_only_run_dir(cwd: Path) -> Path:
+    """A DDP fit wrote one run directory, one TensorBoard event file and its checkpoints (rank 0 only)."""
+    runs = list((cwd / "lightning_logs").iterdir())
+    assert [r.name for r in runs] == ["version_0"]
+    assert len(list(runs[0].glob("events.out.tfevents.*"))) == 1
+    assert (runs[0] / "checkpoints" / "last.ckpt").is_file()
+    return runs[0]
 
 
 def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
@@ -51,10 +61,7 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
     mean_first_loss = (rank0["losses"][1] + rank1["losses"][1]) / 2
     assert abs(mean_first_loss - one["losses"][1]) < 1e-4  # the two halves of the same global batch
     # one run directory, one set of TensorBoard events, checkpoints written once (rank 0)
-    runs = list((ddp / "lightning_logs").iterdir())
-    assert [r.name for r in runs] == ["version_0"]
-    assert len(list(runs[0].glob("events.out.tfevents.*"))) == 1
-    assert (runs[0] / "checkpoints" / "last.ckpt").is_file()
+    the_only_run_dir(ddp)
 
 
 NPT_FAST = [
@@ -89,8 +96,7 @@ def test_ddp_two_processes_fit_npt(tmp_path):
     rank0, rank1 = read_record(tmp_path / "record", 0), read_record(tmp_path / "record", 1)
     assert rank0["checksums"] == rank1["checksums"] and rank0["finite"]
     assert rank0["losses"] != rank1["losses"]  # each rank read different windows
-    runs = list((tmp_path / "lightning_logs").iterdir())
-    assert len(runs) == 1 and (runs[0] / "checkpoints" / "last.ckpt").is_file()
+    the_only_run_dir(tmp_path)
 
 
 SPD_TMS = ROOT / "configs" / "spd" / "tms_5-2.yaml"
@@ -136,9 +142,6 @@ def test_ddp_two_processes_fit_spd_toy_config_like_one_process(tmp_path):
     assert abs((rank0["losses"][1] + rank1["losses"][1]) / 2 - one["losses"][1]) < 1e-5 * (
         1 + abs(one["losses"][1])
     )
-    runs = list((ddp / "lightning_logs").iterdir())
-    assert [r.name for r in runs] == ["version_0"]
-    assert len(list(runs[0].glob("events.out.tfevents.*"))) == 1
-    results = json.loads((runs[0] / "spd_results.json").read_text())  # written once, by rank 0
+    run = the_only_run_dir(ddp)
+    results = json.loads((run / "spd_results.json").read_text())  # written once, by rank 0
     assert set(results["modules"]) == {"linear1", "linear2"}
-    assert (runs[0] / "checkpoints" / "last.ckpt").is_file()
