@@ -173,15 +173,22 @@ LM_PATTERNS = {"transformer.h.*.mlp.c_fc": 6, "transformer.h.*.attn.c_proj": 4}
 TINY_GPT = GPTConfig(block_size=16, vocab_size=48, n_layer=1, n_head=2, n_embd=8)
 
 
-def test_lm_fit_logs_ce_kl_and_results(tmp_path):
-    module = spd_module(
+def lm_module(**overrides) -> SPDLightningModule:
+    """SPD of a random TINY_GPT (KL output loss) on TokenData's 48-token vocabulary."""
+    return spd_module(
         None,
         random_target=TINY_GPT,
         vocab_size=48,
         target_module_patterns=LM_PATTERNS,
         tied_components=None,
-        ci_fn_type="shared_mlp",
         output_loss_type="kl",
+        **overrides,
+    )
+
+
+def test_lm_fit_logs_ce_kl_and_results(tmp_path):
+    module = lm_module(
+        ci_fn_type="shared_mlp",
         loss_coeffs={"stochastic_recon": 1.0, "stochastic_recon_subset": 1.0, "importance_minimality": 1e-3},
         ci_alive_threshold=0.0,
     )
@@ -196,15 +203,7 @@ def test_lm_fit_logs_ce_kl_and_results(tmp_path):
 
 
 def test_lm_bf16_mixed_through_the_trainer(tmp_path):
-    module = spd_module(
-        None,
-        random_target=TINY_GPT,
-        vocab_size=48,
-        target_module_patterns=LM_PATTERNS,
-        tied_components=None,
-        output_loss_type="kl",
-        loss_coeffs={"stochastic_recon": 1.0, "importance_minimality": 1e-3},
-    )
+    module = lm_module(loss_coeffs={"stochastic_recon": 1.0, "importance_minimality": 1e-3})
     trainer = quiet_trainer(tmp_path, max_steps=2, precision="bf16-mixed", limit_val_batches=1)
     trainer.fit(module, TokenData())
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
