@@ -40,10 +40,9 @@ def _vocab_size_of(datamodule: Any) -> int | None:
 def check_checkpoint_settings(checkpoint: Any) -> None:
     """Reject save_top_k=0 with save_last: Lightning 2.6 then writes last.ckpt only when a top-k checkpoint
     is written, i.e. once at the very end of fit, so a crash loses the whole run."""
-    get = checkpoint.get if hasattr(checkpoint, "get") else lambda key, default=None: default
-    if get("save_top_k", 1) == 0 and get("save_last", None):
+    if checkpoint.get("save_top_k", 1) == 0 and checkpoint.get("save_last"):
         raise ValueError(
-            f"checkpoint.save_top_k=0 with checkpoint.save_last={get('save_last')!r}: Lightning writes last.ckpt "
+            f"checkpoint.save_top_k=0 with checkpoint.save_last={checkpoint.get('save_last')!r}: Lightning writes last.ckpt "
             "only alongside a top-k checkpoint, so this run would save once, at the end of fit, and a crash "
             "would lose it. Use save_top_k: 1 (monitor None keeps the newest) with save_last: link (or true)."
         )
