@@ -669,3 +669,44 @@ def test_l0_alive_and_single_feature_cis():
     cm = ComponentModel(TMSModel(5, 2), {"linear1": 6, "linear2": 6})
     errs = identity_ci_errors(cm, 5)
     assert set(errs) == {"linear1", "linear2"} and all(isinstance(v, int) for v in errs.values())
+
+
+@pytest.mark.parametrize("shape", [(7, 3), (2, 5, 3), (3000, 3)])  # 3000 rows: several cache blocks
+def test_scalar_mlp_fast_path_matches_autograd(shape, monkeypatch):
+    import lightning_modules.spd.ci_functions as cf
+
+    monkeypatch.setattr(cf, "_BLOCK_ELEMENTS", 1000)  # blocks of 1000 // (3 x 4) = 83 rows
+    torch.manual_seed(0)
+    fn = MLPCiFn(shape[-1], [4])
+    with torch.no_grad():
+        for b in fn.biases:
+            b.normal_()
+    g = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    fn = fn.double()
+    out = fn(g)  # the ScalarMLPFunction path
+    w1, b1, w2, b2 = fn.weights[0][:, 0, :], fn.biases[0], fn.weights[1][..., 0], fn.biases[1][:, 0]
+    naive = (F.gelu(g.unsqueeze(-1) * w1 + b1) * w2).sum(-1) + b2
+    assert torch.allclose(out, naive, atol=1e-12)
+    upstream = torch.randn(shape, dtype=torch.float64)
+    params = [g, *fn.parameters()]
+    fast = torch.autograd.grad(out, params, upstream)
+    ref = torch.autograd.grad(naive, params, upstream)
+    for a, b in zip(fast, ref):
+        assert torch.allclose(a, b, atol=1e-10), (a - b).abs().max()
+    assert torch.autograd.gradcheck(
+        lambda g_, *p: cf.ScalarMLPFunction.apply(g_, *p), (g[:5].detach().requires_grad_(), w1, b1, w2, b2)
+    )
+
+
+def test_kl_fast_path_matches_log_softmax_autograd():
+    torch.manual_seed(0)
+    pred = (3 * torch.randn(2, 5, 11, dtype=torch.float64)).requires_grad_()
+    target = 3 * torch.randn(2, 5, 11, dtype=torch.float64)
+    fast = L.output_recon_loss(pred, target, "kl")
+    log_p, log_q = torch.log_softmax(target, -1), torch.log_softmax(pred, -1)
+    naive = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    assert abs(fast.item() - naive.item()) < 1e-6  # the fast path computes in float32
+    g_fast, g_naive = torch.autograd.grad(fast, pred)[0], torch.autograd.grad(naive, pred)[0]
+    assert torch.allclose(g_fast, g_naive, atol=1e-7)
+    big = torch.randn(4, 7) + 1e4  # large logits: the max shift keeps it finite
+    assert torch.isfinite(L.output_recon_loss(big, big + torch.randn(4, 7), "kl"))

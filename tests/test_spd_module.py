@@ -55,7 +55,11 @@ def spd_module(target: Path | str | None, **overrides) -> SPDLightningModule:
 
 
 def fit(
-    module: pl.LightningModule, datamodule: pl.LightningDataModule, tmp_path: Path, steps: int = 4
+    module: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    tmp_path: Path,
+    steps: int = 4,
+    ckpt_path: Path | None = None,
 ) -> pl.Trainer:
     """Fit a few steps (validation every 2), logging to TensorBoard under tmp_path."""
     trainer = quiet_trainer(
@@ -67,7 +71,7 @@ def fit(
         log_every_n_steps=1,
         logger=TensorBoardLogger(tmp_path, name="logs"),
     )
-    trainer.fit(module, datamodule)
+    trainer.fit(module, datamodule, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -148,6 +152,35 @@ def test_toy_target_lightning_checkpoint_loads_as_target(tmp_path):
     trainer.save_checkpoint(tmp_path / "toy.ckpt")
     loaded = load_target(str(tmp_path / "toy.ckpt"))
     torch.testing.assert_close(loaded.linear1.weight, target.model.linear1.weight)
+
+
+def test_checkpoints_leave_out_the_file_target_and_resume_from_it(tms_target, tmp_path):
+    module = spd_module(tms_target)
+    trainer = fit(module, toy_data(), tmp_path, steps=2)
+    trainer.save_checkpoint(tmp_path / "spd.ckpt")
+    ckpt = torch.load(tmp_path / "spd.ckpt", weights_only=True)
+    assert not [k for k in ckpt["state_dict"] if k.startswith("cm.target_model.")]
+    assert "cm.target_model.linear1.weight" in ckpt["spd_target_fingerprint"]
+    assert any(k.startswith("cm.components.") for k in ckpt["state_dict"])
+
+    loaded = SPDLightningModule.load_from_checkpoint(tmp_path / "spd.ckpt", weights_only=True)
+    torch.testing.assert_close(loaded.state_dict(), module.state_dict())  # target back from the file
+    resumed = spd_module(tms_target)
+    fit(resumed, toy_data(), tmp_path / "resume", steps=3, ckpt_path=tmp_path / "spd.ckpt")
+    assert resumed.global_step == 3
+
+    torch.manual_seed(5)  # another target file: the resume must refuse, naming the target
+    other = save_toy_target(tmp_path / "other.pt", TMSModel(5, 2), "tms", {"n_features": 5, "n_hidden": 2})
+    with pytest.raises(ValueError, match="another target"):
+        fit(spd_module(other), toy_data(), tmp_path / "other", steps=3, ckpt_path=tmp_path / "spd.ckpt")
+
+
+def test_random_targets_stay_in_checkpoints(tmp_path):
+    module = lm_module()
+    trainer = fit(module, TokenData(), tmp_path, steps=1)
+    trainer.save_checkpoint(tmp_path / "lm.ckpt")
+    state = torch.load(tmp_path / "lm.ckpt", weights_only=True)["state_dict"]
+    assert "cm.target_model.lm_head.weight" in state or "cm.target_model.transformer.wte.weight" in state
 
 
 # ----------------------------------------------------------------------------- LM path

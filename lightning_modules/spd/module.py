@@ -9,6 +9,7 @@ directory holds the final value of every metric, from a fresh evaluation on the 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -34,6 +35,9 @@ from .objective import (
     write_results,
 )
 from .targets import check_target_data, load_target, random_gpt
+
+TARGET_PREFIX = "cm.target_model."  # the frozen target's keys in this module's state_dict
+TARGET_FINGERPRINT = "spd_target_fingerprint"
 
 
 def _spd_adamw(params: Any) -> torch.optim.Optimizer:
@@ -192,8 +196,36 @@ class SPDLightningModule(pl.LightningModule):
                 module.compile()
             self._compiled = True
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leave the frozen target's tensors out when `target` is a file they reload from (an HF GPT-2
+        target would otherwise add its whole size to every checkpoint); keep per-tensor float64 sums
+        so loading can check it rebuilt the same target. Random targets (target None) stay in."""
+        state = checkpoint.get("state_dict")
+        if state is None or self.hparams.target is None:
+            return
+        keys = [k for k in state if k.startswith(TARGET_PREFIX)]
+        checkpoint[TARGET_FINGERPRINT] = {k: float(state[k].double().sum()) for k in keys}
+        for k in keys:
+            del state[k]
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.build()
+        """Build the model; put back the target tensors on_save_checkpoint left out, from `target`."""
+        cm = self.build()
+        state, fingerprint = checkpoint.get("state_dict"), checkpoint.get(TARGET_FINGERPRINT)
+        if state is None or fingerprint is None:
+            return
+        own = {TARGET_PREFIX + k: v for k, v in cm.target_model.state_dict().items()}
+        for key, expected in fingerprint.items():
+            got = own.get(key)
+            if got is None or not math.isclose(
+                float(got.double().sum()), expected, rel_tol=1e-5, abs_tol=1e-5
+            ):
+                raise ValueError(
+                    f"checkpoint was made with another target than {self.hparams.target!r}: tensor {key!r} "
+                    f"{'is missing' if got is None else 'differs'}; point --model.init_args.target at the "
+                    "target the run decomposed"
+                )
+            state[key] = got
 
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
