@@ -710,3 +710,9 @@ def test_kl_fast_path_matches_log_softmax_autograd():
     assert torch.allclose(g_fast, g_naive, atol=1e-7)
     big = torch.randn(4, 7) + 1e4  # large logits: the max shift keeps it finite
     assert torch.isfinite(L.output_recon_loss(big, big + torch.randn(4, 7), "kl"))
+    # offset logits (as LMs have), tiny KL: the float32 result stays accurate in absolute terms
+    pred = torch.randn(64, 300, dtype=torch.float64) + 30.0
+    target = pred + 0.01 * torch.randn(64, 300, dtype=torch.float64)
+    log_p, log_q = torch.log_softmax(target, -1), torch.log_softmax(pred, -1)
+    exact = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+    assert abs(L.output_recon_loss(pred, target, "kl").item() - exact) < 2e-6

@@ -64,9 +64,9 @@ class ScalarMLPFunction(torch.autograd.Function):
     Why not autograd: the (rows, C, H) hidden tensors are the step's largest (TMS: 4096 x 20 x 16), and
     autograd's graph keeps h and gelu(h) and makes ~6 more such temporaries in the backward, each swept
     from DRAM. Here forward keeps only gelu(h); the backward recomputes h block by block and does every
-    per-element op on a block while it sits in cache, accumulating the parameter gradients. On the TMS
-    5-2 step this is ~2x less time in the CI functions (benchmarks/spd_speed.py). Matches autograd to
-    float rounding (tests/test_spd_core.py).
+    per-element op on a block while it sits in cache, accumulating the parameter gradients. The whole
+    TMS 5-2 training step gets 1.35x faster with glibc's malloc as shipped, 1.2x with a tuned one (README,
+    SPD speed). Matches autograd to float rounding (tests/test_spd_core.py).
     """
 
     @staticmethod
@@ -105,7 +105,6 @@ class ScalarMLPFunction(torch.autograd.Function):
         return grad_g, grad_w1, grad_b1, grad_w2, go2.sum(0)
 
 
-@torch.compiler.disable  # on CPU, inductor's fusion of this MLP's backward is ~2x slower than ours
 def _scalar_mlp(g: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
     """ScalarMLPFunction on _ParallelMLP's stacked weights (C, 1, H), (C, H), (C, H, 1), (C, 1)."""
     return ScalarMLPFunction.apply(g, w1[:, 0, :], b1, w2[..., 0], b2[:, 0])
@@ -121,7 +120,8 @@ class MLPCiFn(_ParallelMLP):
 
     def forward(self, g: Tensor) -> Tensor:
         """g (..., C) -> (..., C)."""
-        if len(self.weights) == 2 and g.device.type == "cpu":  # on GPUs autograd (or compile) fuses well
+        if len(self.weights) == 2 and g.device.type == "cpu" and not torch.compiler.is_compiling():
+            # eager CPU only: on GPUs and under torch.compile, autograd's graph is fused anyway
             return _scalar_mlp(g, self.weights[0], self.biases[0], self.weights[1], self.biases[1])
         # First layer has fan-in 1: an elementwise affine map per (component, hidden unit).
         h = g.unsqueeze(-1) * self.weights[0][:, 0, :] + self.biases[0]  # (..., C, h0)

@@ -51,12 +51,14 @@ class _KLFromLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, z: Tensor, probs: Tensor, neg_entropy_sum: Tensor) -> Tensor:  # noqa: D102
-        z_max = z.amax(-1, keepdim=True)
-        e = torch.sub(z, z_max).exp_()  # (N, V), exp(z - max)
+        # with zc = z - max(z) per row, p . z - logsumexp(z) = p . zc - log sum exp(zc): the maxima cancel,
+        # and the float32 sums stay of the size of the entropies instead of the logits
+        zc = torch.sub(z, z.amax(-1, keepdim=True))  # (N, V)
+        cross = torch.dot(probs.reshape(-1), zc.reshape(-1))
+        e = zc.exp_()  # exp(z - max), the unnormalised softmax
         s = e.sum(-1, keepdim=True)
-        lse_sum = (s.log() + z_max).sum()
         ctx.save_for_backward(e, s, probs)
-        return (neg_entropy_sum - torch.dot(probs.reshape(-1), z.reshape(-1)) + lse_sum) / z.shape[0]
+        return (neg_entropy_sum - cross + s.log().sum()) / z.shape[0]
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: D102
