@@ -133,6 +133,7 @@ class SPDLightningModule(pl.LightningModule):
         self._acc: EvalAccumulator | None = None
         self._total_steps = 1  # set in configure_optimizers (for the importance-p schedule)
         self._compiled = False
+        self._target_sums: dict[str, float] | None = None  # see _target_fingerprint
         # The stochastic masks come from their own generator, reseeded per (rank, step, micro-batch):
         # drawing them from the global RNG would give every DDP rank the same random numbers (all ranks
         # share seed_everything's seed), and reseeding per step makes a resumed run draw the masks the
@@ -203,9 +204,8 @@ class SPDLightningModule(pl.LightningModule):
         state = checkpoint.get("state_dict")
         if state is None or self.hparams.target is None:
             return
-        keys = [k for k in state if k.startswith(TARGET_PREFIX)]
-        checkpoint[TARGET_FINGERPRINT] = {k: float(state[k].double().sum()) for k in keys}
-        for k in keys:
+        checkpoint[TARGET_FINGERPRINT] = self._target_fingerprint()
+        for k in [k for k in state if k.startswith(TARGET_PREFIX)]:
             del state[k]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -215,17 +215,23 @@ class SPDLightningModule(pl.LightningModule):
         if state is None or fingerprint is None:
             return
         own = {TARGET_PREFIX + k: v for k, v in cm.target_model.state_dict().items()}
+        own_sums = self._target_fingerprint()
         for key, expected in fingerprint.items():
             got = own.get(key)
-            if got is None or not math.isclose(
-                float(got.double().sum()), expected, rel_tol=1e-5, abs_tol=1e-5
-            ):
+            if got is None or not math.isclose(own_sums[key], expected, rel_tol=1e-5, abs_tol=1e-5):
                 raise ValueError(
                     f"checkpoint was made with another target than {self.hparams.target!r}: tensor {key!r} "
                     f"{'is missing' if got is None else 'differs'}; point --model.init_args.target at the "
                     "target the run decomposed"
                 )
             state[key] = got
+
+    def _target_fingerprint(self) -> dict[str, float]:
+        """{state_dict key: float64 sum} of the frozen target, computed once (it never changes)."""
+        if self._target_sums is None:
+            state = self.build().target_model.state_dict()
+            self._target_sums = {TARGET_PREFIX + k: float(v.double().sum()) for k, v in state.items()}
+        return self._target_sums
 
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
