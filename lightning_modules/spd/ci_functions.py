@@ -105,11 +105,6 @@ class ScalarMLPFunction(torch.autograd.Function):
         return grad_g, grad_w1, grad_b1, grad_w2, go2.sum(0)
 
 
-def _scalar_mlp(g: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
-    """ScalarMLPFunction on _ParallelMLP's stacked weights (C, 1, H), (C, H), (C, H, 1), (C, 1)."""
-    return ScalarMLPFunction.apply(g, w1[:, 0, :], b1, w2[..., 0], b2[:, 0])
-
-
 class MLPCiFn(_ParallelMLP):
     """C independent scalar MLPs: g (..., C) -> pre-sigmoid CI (..., C)."""
 
@@ -122,7 +117,8 @@ class MLPCiFn(_ParallelMLP):
         """g (..., C) -> (..., C)."""
         if len(self.weights) == 2 and g.device.type == "cpu" and not torch.compiler.is_compiling():
             # eager CPU only: on GPUs and under torch.compile, autograd's graph is fused anyway
-            return _scalar_mlp(g, self.weights[0], self.biases[0], self.weights[1], self.biases[1])
+            w1, w2 = self.weights[0][:, 0, :], self.weights[1][..., 0]  # (C, H) each
+            return ScalarMLPFunction.apply(g, w1, self.biases[0], w2, self.biases[1][:, 0])
         # First layer has fan-in 1: an elementwise affine map per (component, hidden unit).
         h = g.unsqueeze(-1) * self.weights[0][:, 0, :] + self.biases[0]  # (..., C, h0)
         return self._layers(h, start=1)
