@@ -8,7 +8,7 @@ Per variant: tokens/s, model TFLOP/s and MFU (training FLOPs per step counted by
 on a meta-device copy, over callbacks.throughput.PEAK_FLOPS: CUDA only), peak memory (CUDA: the caching
 allocator's peak; CPU: the peak resident memory of a fresh process above what the built model occupies,
 i.e. activations + gradients + optimizer state) and the validation loss after the same tokens.
-Prints markdown tables and writes JSON (default benchmarks/results/gpt_speed_<size>_<device>.json).
+Prints markdown tables and writes benchmarks/results/gpt_speed_<size>_<device>.json (or --json).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,15 +25,18 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
-import torch
-import torch.nn.functional as F
-from proc_memory import proc_status_bytes, reset_peak_rss
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # python benchmarks/gpt_speed.py
 
-from callbacks.throughput import peak_flops_for
-from lightning_modules.common.optim import decay_param_groups, warmup_cosine_lambda
-from lightning_modules.gpt import GPT, GPTConfig, GPTLightningModule
-from lightning_modules.gpt.module import training_flops
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.proc_memory import proc_status_bytes, reset_peak_rss  # noqa: E402
+from benchmarks.results import run_metadata, write_results  # noqa: E402
+from callbacks.throughput import peak_flops_for  # noqa: E402
+from lightning_modules.common.optim import decay_param_groups, warmup_cosine_lambda  # noqa: E402
+from lightning_modules.gpt import GPT, GPTConfig, GPTLightningModule  # noqa: E402
+from lightning_modules.gpt.module import training_flops  # noqa: E402
 
 SIZES = {
     "tiny": dict(block_size=128, n_layer=4, n_head=4, n_embd=128, vocab_size=4096, batch=16),
@@ -88,6 +90,13 @@ def resolve(size: dict[str, Any], switches: dict[str, Any]) -> tuple[GPTConfig, 
             value = size["block_size"] // 4
         fields[key] = value
     return GPTConfig(**fields), compile_model
+
+
+def resolved_switches(size: dict[str, Any], name: str) -> dict[str, Any]:
+    """The config fields a variant sets, with size-dependent values resolved (plus compile)."""
+    config, compile_model = resolve(size, VARIANTS[name])
+    out = {k: getattr(config, k) for k in VARIANTS[name] if k != "__compile__"}
+    return out | ({"compile": True} if compile_model else {})
 
 
 def synthetic_batches(
@@ -330,6 +339,7 @@ def compare_switches(args, size, device, val_batches) -> dict[str, Any]:
         flops = training_flops(resolve(size, VARIANTS[name])[0], (size["batch"], size["block_size"]))
         achieved = flops * tps / tokens
         rows[name] = {
+            "switches": resolved_switches(size, name),
             "tokens_per_s": tps,
             "speedup_vs_baseline": tps / base,
             "flops_per_step": flops,
@@ -399,7 +409,7 @@ def print_tables(result: dict[str, Any]) -> None:
     print(
         f"| our GPT vs transformers GPT2LMHeadModel | {hf['tokens_per_s_ratio_median']:.3f} | >= 1 | same optimiser |"
     )
-    mem_kind = "train MiB" if result["machine"]["device_type"] == "cpu" else "peak MiB"
+    mem_kind = "train MiB" if result["setup"]["device_type"] == "cpu" else "peak MiB"
     print(
         f"\n| variant | tokens/s | vs baseline | TFLOP/s | MFU | {mem_kind} | mem vs base | val loss | claim |"
     )
@@ -445,15 +455,13 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     size = SIZES[args.size]
+    meta = run_metadata()
     pl.seed_everything(0, verbose=False)
     result: dict[str, Any] = {
-        "machine": {
-            "device": torch.cuda.get_device_name()
-            if device.type == "cuda"
-            else platform.processor() or "cpu",
+        "setup": {
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else meta["cpu"],
             "device_type": device.type,
             "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
             "precision": args.precision,
         },
         "size": {**size},
@@ -465,10 +473,7 @@ def main() -> None:
     data = None if args.skip_quality else real_text(size, args)
     result["switches"] = compare_switches(args, size, device, data)
     print_tables(result)
-    out = Path(args.json or f"benchmarks/results/gpt_speed_{args.size}_{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
-    print(f"\nwrote {out}")
+    write_results(f"gpt_speed_{args.size}_{device.type}", meta, result, out=args.json)
 
 
 if __name__ == "__main__":

@@ -12,24 +12,26 @@ Variants (all include the dense u Wᵀ, so each row is the cost of the whole mod
   materialised  explicit per-token ΔW (b, s, d, f); skipped when b·s·d·f·4 bytes > 2 GB
 
 Peak memory is CUDA max_memory_allocated above the pre-call baseline; on CPU only time is reported.
-Prints a markdown table and writes JSON (default benchmarks/results/npt_component_<shape>_<device>.json).
+Prints a markdown table and writes benchmarks/results/npt_component_<shape>_<device>.json (or --json).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # python benchmarks/npt_component.py
 
-from lightning_modules.npt.components import NPComponent
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.results import cpu_model, run_metadata, write_results  # noqa: E402
+from lightning_modules.npt.components import NPComponent  # noqa: E402
 
 SHAPES: dict[str, dict[str, int]] = {
     "llama8b": {"d": 4096, "f": 14336, "k": 128, "r": 64, "batch": 2, "seq": 128},
@@ -77,16 +79,6 @@ VARIANTS: dict[str, Variant] = {
     "factored": factored,
     "materialised": materialised,
 }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _sync(device: torch.device) -> None:
@@ -209,15 +201,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "shape": args.shape,
         **shape,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,
-        "torch": torch.__version__,
         "repeats": args.repeats,
         "np_params": np_params,
         "np_param_mib": np_params * comp.W_down.element_size() / 2**20,
         "init_s": init,
-        "results": results,
+        "variants": results,
         "skipped": skipped,
     }
 
@@ -233,13 +224,13 @@ def to_markdown(res: dict[str, Any]) -> str:
         f"batch {res['batch']}, seq {res['seq']}), {res['dtype']} on {res['device']} ({res['device_name']}, "
         f"{res['threads']} threads), median of {res['repeats']}; NP params {res['np_param_mib']:.1f} MiB\n\n"
     )
-    fac = res["results"]["factored"]
+    fac = res["variants"]["factored"]
     lines = [
         "| variant | fwd ms | fwd+bwd ms | fwd vs factored | fwd+bwd vs factored | peak fwd MiB | peak fwd+bwd MiB "
         "| rel err vs factored |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, row in res["results"].items():
+    for name, row in res["variants"].items():
         ratio_f = row["fwd_ms"] / fac["fwd_ms"]
         ratio_b = None if row["fwd_bwd_ms"] is None else row["fwd_bwd_ms"] / fac["fwd_bwd_ms"]
         lines.append(
@@ -276,15 +267,10 @@ def main() -> None:
         args.shape = "llama8b" if args.device.startswith("cuda") else "small"
     if args.threads:
         torch.set_num_threads(args.threads)
+    meta = run_metadata()
     res = run(args)
     print(to_markdown(res))
-    out = (
-        args.json
-        or Path(__file__).parent / "results" / f"npt_component_{args.shape}_{args.device.split(':')[0]}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    print(f"\nwrote {out}")
+    write_results(f"npt_component_{args.shape}_{args.device.split(':')[0]}", meta, res, out=args.json)
 
 
 if __name__ == "__main__":

@@ -12,23 +12,26 @@ Variants:
   npt                 converted layer (attention modulates the gate, factored path), forward only
   npt_teacher_forced  converted, backward to the NP params only (input is the teacher's hidden state)
   npt_free_running    converted, backward to the NP params and the input
-Prints a markdown table and writes JSON (default benchmarks/results/npt_layer_<shape>_<device>.json).
+Prints a markdown table and writes benchmarks/results/npt_layer_<shape>_<mode>_<device>.json (or --json).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-from npt_component import _cpu_name, _measure  # same folder: run as python benchmarks/npt_layer.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # python benchmarks/npt_layer.py
 
-from lightning_modules.npt.components import NPComponent
-from lightning_modules.npt.layers import LlamaNPTLayer
+import torch  # noqa: E402
+
+from benchmarks.npt_component import _measure  # noqa: E402
+from benchmarks.results import cpu_model, run_metadata, write_results  # noqa: E402
+from lightning_modules.npt.components import NPComponent  # noqa: E402
+from lightning_modules.npt.layers import LlamaNPTLayer  # noqa: E402
 
 SHAPES: dict[str, dict[str, int]] = {
     "llama8b": dict(d=4096, f=14336, heads=32, kv_heads=8, k=128, r=64, batch=2, seq=128),
@@ -127,15 +130,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         **shape,
         "np_mode": args.mode,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,
-        "torch": torch.__version__,
         "repeats": args.repeats,
         "np_params": n_np,
         "layer_params": n_block,
         "np_param_mib": n_np * comp.W_down.element_size() / 2**20,
-        "results": results,
+        "variants": results,
     }
 
 
@@ -148,9 +150,9 @@ def to_markdown(res: dict[str, Any]) -> str:
         f"median of {res['repeats']}; NP params {res['np_params'] / 1e6:.1f}M ({res['np_param_mib']:.0f} MiB) vs "
         f"layer {res['layer_params'] / 1e6:.1f}M\n\n"
     )
-    base = res["results"]["original"]["ms"]
+    base = res["variants"]["original"]["ms"]
     lines = ["| variant | ms | vs original fwd | peak MiB |", "|---|---:|---:|---:|"]
-    for name, row in res["results"].items():
+    for name, row in res["variants"].items():
         peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"
         lines.append(f"| {name} | {row['ms']:.2f} | {row['ms'] / base:.2f}x | {peak} |")
     return head + "\n".join(lines)
@@ -177,15 +179,10 @@ def main() -> None:
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     if args.threads:
         torch.set_num_threads(args.threads)
+    meta = run_metadata()
     res = run(args)
     print(to_markdown(res))
-    out = (
-        args.json
-        or Path(__file__).parent / "results" / f"npt_layer_{args.shape}_{args.device.split(':')[0]}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    print(f"\nwrote {out}")
+    write_results(f"npt_layer_{args.shape}_{args.mode}_{args.device.split(':')[0]}", meta, res, out=args.json)
 
 
 if __name__ == "__main__":

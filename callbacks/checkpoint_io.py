@@ -1,11 +1,26 @@
 """Atomic and asynchronous checkpoint writing as Lightning `CheckpointIO` plugins.
 
-Why not Lightning's own: `TorchCheckpointIO` writes the final path in place (a crash mid-write leaves a
-truncated file under the real name) and `AsyncCheckpointIO` runs `save` on a thread pool while
-`remove_checkpoint` runs immediately on the training thread, so `save_top_k` pruning can delete or race a
-write still in flight (Lightning issue 14035). Here every write goes to a temporary file in the same
-directory, is flushed and fsynced, then renamed over the target (atomic on POSIX); async writes and
-deletions share ONE ordered background queue, so a deletion never overtakes a write.
+What Lightning 2.6 does itself (lightning.fabric.utilities.cloud_io._atomic_save, fsspec's local
+filesystem): `TorchCheckpointIO` serialises the whole checkpoint into an in-memory buffer, then writes it
+inside an fsspec transaction, which on a local path writes a temporary file made by `tempfile.mkstemp()`
+in $TMPDIR (not beside the target) and on commit `shutil.move`s it onto the target. So a crash mid-write
+does not leave a partial file under the real name when $TMPDIR is on the target's filesystem (the move is
+a rename). It leaves these gaps: the whole serialised file is held in memory before a byte is written
+(as much extra memory as the checkpoint file); when $TMPDIR is on another filesystem the rename fails with
+EXDEV and the move copies the bytes onto the final name in place, so a crash then can leave a truncated
+checkpoint there; nothing is fsynced, so after a power loss or kernel crash the renamed file can be empty
+or short; and a killed writer's temporary stays in $TMPDIR. `AsyncCheckpointIO` clones the tensors on the
+calling thread (on their device) and saves on a one-thread pool, but `remove_checkpoint` runs at once on
+the training thread, so `save_top_k` pruning can overtake a queued write of the file it deletes (Lightning
+issue 14035).
+
+What this module does instead, on local paths (remote ones go to Lightning's): `torch.save` streams
+into a temporary file in the target's own directory (no in-memory copy; the rename is always on one
+filesystem), the file is fsynced, renamed over the target and the directory fsynced; temporaries a killed
+writer left are removed at the first save into a directory. The async variant copies the state to host
+memory and runs writes and deletions on ONE ordered background queue, so a deletion never overtakes a
+write. `benchmarks/checkpoint_stall.py` measures the stall, each writer's time and added memory, and the
+fsync's share (results in docs/benchmarks.md).
 
     trainer:
       plugins:
@@ -76,6 +91,11 @@ def load_checkpoint_file(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives; anything else is not a checkpoint
+        raise CorruptCheckpointError(
+            f"checkpoint {str(path)!r} ({path.stat().st_size} bytes) is truncated or corrupted, or not a PyTorch "
+            "checkpoint at all; resume from an earlier checkpoint (e.g. last.ckpt or a periodic one)"
+        )
     try:
         return torch.load(path, map_location=map_location, weights_only=bool(weights_only))
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
@@ -127,18 +147,35 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_checkpoint_file(path, map_location=map_location or "cpu", weights_only=weights_only)
 
 
-def _to_cpu_snapshot(obj: Any) -> Any:
-    """Copy every tensor off the device (or clone CPU ones) so training can keep mutating the originals."""
+def _same_view_key(t: torch.Tensor) -> tuple | None:
+    """What makes two tensors the same view of the same memory (tied weights); None when it can't be told."""
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
+        return None
+    return (t.device, ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def _to_cpu_snapshot(obj: Any, memo: dict[tuple, torch.Tensor] | None = None) -> Any:
+    """Copy every tensor off the device (or clone CPU ones) so training can keep mutating the originals.
+
+    Tensors that are the same view of the same memory (tied embedding and output weights) become one copy,
+    as torch.save would have stored them: cloned one by one they would be written twice."""
+    memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
-        if obj.device.type == "cpu":
-            return obj.detach().clone()
-        return obj.detach().to("cpu", non_blocking=True)
+        key = _same_view_key(obj)
+        if key is not None and key in memo:
+            return memo[key]
+        copy = obj.detach().clone() if obj.device.type == "cpu" else obj.detach().to("cpu", non_blocking=True)
+        if key is not None:
+            memo[key] = copy
+        return copy
     if isinstance(obj, dict):
-        return {k: _to_cpu_snapshot(v) for k, v in obj.items()}
+        return {k: _to_cpu_snapshot(v, memo) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_to_cpu_snapshot(v) for v in obj]
+        return [_to_cpu_snapshot(v, memo) for v in obj]
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(_to_cpu_snapshot(v) for v in obj)
+        return tuple(_to_cpu_snapshot(v, memo) for v in obj)
     return obj
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_modules.common.paths import run_dir
+from callbacks.paths import run_dir
 
 log = logging.getLogger(__name__)
 

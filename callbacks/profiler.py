@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function, schedule, tensorboard_trace_handler
 
-from lightning_modules.common.paths import run_dir
+from callbacks.paths import run_dir
 
 log = logging.getLogger(__name__)
 

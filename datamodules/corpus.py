@@ -122,21 +122,48 @@ def iter_file_texts(files: Iterable[Path]) -> Iterator[str]:
         yield text
 
 
-def corpus_pieces(docs: Iterable[str], max_chars: int | None) -> Iterator[str]:
+@dataclass
+class CorpusStats:
+    """What one pass of `corpus_pieces` read: documents and characters kept, and whether `max_chars` cut the
+    source (`available`: the source's characters, when counted)."""
+
+    documents: int = 0
+    chars: int = 0
+    truncated: bool = False
+    available: int | None = None
+
+
+def corpus_pieces(
+    docs: Iterable[str], max_chars: int | None, stats: CorpusStats | None = None, count_rest: bool = False
+) -> Iterator[str]:
     """Join non-empty documents with DOC_SEPARATOR, stop after `max_chars` characters, and yield the result
-    in pieces of about PIECE_CHARS characters that end at line breaks (their concatenation is the corpus)."""
+    in pieces of about PIECE_CHARS characters that end at line breaks (their concatenation is the corpus).
+
+    `stats` (when given) records what was read; when the cap cuts the source, it notes that, and with
+    `count_rest` it also reads the remaining documents to count the characters available."""
+    stats = CorpusStats() if stats is None else stats
     remaining = max_chars
     first = True
+    docs = iter(docs)
     for doc in docs:
         if not doc:
             continue
         text = doc if first else DOC_SEPARATOR + doc
         first = False
+        full = len(text)
         if remaining is not None:
             text = text[:remaining]
             remaining -= len(text)
+        stats.documents += 1
+        stats.chars += len(text)
         yield from _split_at_lines(text, PIECE_CHARS)
         if remaining == 0:
+            rest = (len(DOC_SEPARATOR) + len(d) for d in docs if d)
+            if count_rest:
+                stats.available = stats.chars + full - len(text) + sum(rest)
+                stats.truncated = stats.available > stats.chars
+            else:
+                stats.truncated = len(text) < full or next(rest, 0) > 0
             return
 
 
@@ -199,6 +226,22 @@ def iter_dataset_texts(dataset: Any, column: str, name: str) -> Iterator[str]:
         if column not in batch:
             raise ValueError(f"text_column={column!r} is not a column of dataset {name!r}; got {list(batch)}")
         yield from (text for text in batch[column] if isinstance(text, str) and text)
+
+
+def dataset_chars(dataset: Any, column: str) -> int | None:
+    """The characters of a dataset's non-empty texts joined by DOC_SEPARATOR, counted by Arrow without reading
+    rows into Python; None when that is not possible (a streaming or re-indexed dataset)."""
+    try:
+        import pyarrow.compute as pc
+
+        if getattr(dataset, "_indices", None) is not None:  # select/shuffle: the table is not the dataset
+            return None
+        lengths = pc.utf8_length(dataset.data.column(column))
+        total = pc.sum(lengths).as_py() or 0
+        documents = pc.sum(pc.greater(lengths, 0)).as_py() or 0
+    except Exception:  # not Arrow-backed, not a string column
+        return None
+    return int(total) + len(DOC_SEPARATOR) * max(int(documents) - 1, 0)
 
 
 def dataset_identity(name: str, config: str | None, column: str) -> dict[str, Any]:

@@ -18,9 +18,23 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_modules.common.seeds import mixed_seed
-from lightning_modules.spd.toy_models import sparse_feature_batch
 
 _SPLIT_SALT = {"train": 0, "val": 1}
+
+
+def sparse_feature_batch(
+    batch: int,
+    n_features: int,
+    feature_prob: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    value_range: tuple[float, float] = (0.0, 1.0),
+) -> torch.Tensor:
+    """(batch, n_features): each feature on independently w.p. feature_prob with value U[value_range]."""
+    lo, hi = value_range
+    values = torch.rand(batch, n_features, generator=generator, device=device) * (hi - lo) + lo
+    on = torch.rand(batch, n_features, generator=generator, device=device) < feature_prob
+    return torch.where(on, values, torch.zeros_like(values))
 
 
 class SparseFeatureBatches(Dataset):

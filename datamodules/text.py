@@ -1,12 +1,13 @@
 """`TextDataModule`: next-token language-modelling batches from text files, `datasets` datasets, nanoGPT
-`.bin` token files, or the embedded default corpus (the Python standard library's own source files)."""
+`.bin` token files, token-shard directories (`python -m datamodules.prepare`), or the embedded default corpus
+(the Python standard library's own source files)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
-import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -18,12 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from datamodules.corpus import (
     DEFAULT_CORPUS_CHARS,
     BinSource,
+    CorpusStats,
     corpus_pieces,
+    dataset_chars,
     dataset_identity,
     default_corpus_files,
     file_identity,
@@ -35,6 +39,7 @@ from datamodules.corpus import (
     take_chars,
 )
 from datamodules.resumable import ResumableDataLoader, ResumableSampler
+from datamodules.shards import BPE_NAME, ShardSpan, describe_identity, open_shard_dir, shard_source
 from datamodules.tokenizer import (
     BPETokenizer,
     ByteTokenizer,
@@ -43,12 +48,14 @@ from datamodules.tokenizer import (
     train_bpe,
 )
 
-log = logging.getLogger(__name__)
-
 CACHE_VERSION = 1
 BIN_DTYPES = ("uint16", "uint32")
 _ENCODE_BATCH_CHARS = 8 << 20  # characters tokenised per call (tokenizers parallelises within a call)
 _COUNT_CHUNK = 1 << 24  # tokens per bincount / max chunk
+_PROMPT_TOKENS = 16  # at most this many tokens in the sample prompt taken from the validation data
+
+# A factory of corpus pieces; each call is one pass, recorded in the CorpusStats it is given.
+Pieces = Callable[[CorpusStats | None], Iterator[str]]
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -157,6 +164,12 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
+def evenly_spread(count: int, total: int) -> list[int]:
+    """`count` distinct indices in [0, total), evenly spread (each the middle of one of `count` equal parts)."""
+    count = min(count, total)
+    return [((2 * i + 1) * total) // (2 * count) for i in range(count)]
+
+
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if value < 1:
@@ -171,8 +184,9 @@ class TextDataModule(LightningDataModule):
 
     Args:
         sources: text files, globs, directories (all text files under them), or one nanoGPT `.bin` file / a
-            directory with `train.bin` (+ `val.bin`). None (and no `dataset_name`): the Python standard
-            library's own source files.
+            directory with `train.bin` (+ `val.bin`), or one token-shard directory written by
+            `python -m datamodules.prepare` (its own train / val shards; its tokenizer must be `tokenizer`).
+            None (and no `dataset_name`): the Python standard library's own source files.
         dataset_name: a `datasets` dataset (hub name or local path) instead of `sources`.
         dataset_config: its configuration name.
         text_column: the dataset column holding the text.
@@ -184,13 +198,18 @@ class TextDataModule(LightningDataModule):
         block_size: tokens per training example.
         batch_size: examples per batch.
         val_fraction: the fraction of the token stream (its end) held out for validation.
-        max_chars: at most this many corpus characters are read (default corpus: 6,000,000 when None).
+        max_chars: at most this many corpus characters are read. None: the whole of `sources` / the dataset,
+            6,000,000 characters of the default corpus. When the cap cuts `sources` or a dataset, a warning
+            gives the characters read and available (not counted for a streaming dataset), on every run that
+            uses that tokenisation.
         bin_dtype: the token dtype of `.bin` sources ("uint16" or "uint32").
         cache_dir: where token files and trained tokenizers are cached.
         num_workers, pin_memory, persistent_workers, prefetch_factor: DataLoader settings (`pin_memory=None`:
             on when training on CUDA; the last two only with workers).
         drop_last: drop the last incomplete training batch (validation keeps it).
         seed: chooses the training windows' offset and the shuffling order.
+        val_windows: validation reads this many non-overlapping windows, evenly spread over the split and the
+            same in every run (each rank evaluates its share). None: every window. Testing reads every window.
         predict_prompts: texts `train.py predict` continues (default: a few Python openings).
     """
 
@@ -215,6 +234,7 @@ class TextDataModule(LightningDataModule):
         prefetch_factor: int | None = None,
         drop_last: bool = True,
         seed: int = 1337,
+        val_windows: int | None = None,
         predict_prompts: list[str] | None = None,
     ) -> None:
         super().__init__()
@@ -238,6 +258,7 @@ class TextDataModule(LightningDataModule):
         self.prefetch_factor = prefetch_factor
         self.drop_last = drop_last
         self.seed = seed
+        self.val_windows = val_windows
         self.predict_prompts = list(predict_prompts) if predict_prompts else ["def ", "class ", "import "]
         self._validate_arguments()
         if self.sources is None and dataset_name is None and max_chars is None:
@@ -246,6 +267,8 @@ class TextDataModule(LightningDataModule):
         self.cache_hit: bool | None = None  # after prepare_data/setup: True when the token cache was reused
         self.cache_path: Path | None = None  # the cache folder used (None for .bin sources)
         self._spans: tuple[TokenSpan, TokenSpan] | None = None
+        self._token_bytes: torch.Tensor | None = None
+        self._sample_prompt: str | None = None
         self.train_dataset: TokenWindows | None = None
         self.val_dataset: TokenWindows | None = None
 
@@ -261,6 +284,8 @@ class TextDataModule(LightningDataModule):
             )
         if self.bin_dtype not in BIN_DTYPES:
             raise ValueError(f"bin_dtype={self.bin_dtype!r} must be one of {BIN_DTYPES}")
+        if self.val_windows is not None and self.val_windows < 1:
+            raise ValueError(f"val_windows={self.val_windows!r} must be >= 1 (or None for every window)")
         if self.max_chars is not None and self.max_chars < 1:
             raise ValueError(f"max_chars={self.max_chars!r} must be >= 1 (or None for no cap)")
         if self.num_workers < 0:
@@ -348,6 +373,14 @@ class TextDataModule(LightningDataModule):
         """Text of token ids."""
         return self.tokenizer.decode(ids)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: the tokenizer itself (a trained BPE as its JSON), so generation,
+        evaluation and export rebuild it from the checkpoint alone (`tokenizer_from_state`)."""
+        return {"tokenizer": self._tokenizer.state()} if self._tokenizer is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore: the tokenizer is rebuilt from the cache (the saved one is for other tools)."""
+
     # ------------------------------------------------------------------------------------- preparation
     def prepare_data(self) -> None:
         """Tokenise the corpus once into the cache (and train the BPE tokenizer); later calls reuse it."""
@@ -358,17 +391,30 @@ class TextDataModule(LightningDataModule):
         if self.train_dataset is not None:
             return
         train, val = self._prepare()
-        offset = int(np.random.default_rng(self.seed).integers(self.block_size))
-        self.train_dataset = TokenWindows(train, self.block_size, offset=offset)
+        self.train_dataset = TokenWindows(train, self.block_size, offset=self._train_offset())
         self.val_dataset = TokenWindows(val, self.block_size)
+
+    def _train_offset(self) -> int:
+        """Where the training windows start (0 <= offset < block_size), chosen by the seed."""
+        return int(np.random.default_rng(self.seed).integers(self.block_size))
+
+    @property
+    def is_default_corpus(self) -> bool:
+        """Whether the text is the embedded default corpus (no `sources`, no `dataset_name`)."""
+        return self.sources is None and self.dataset_name is None
 
     def _prepare(self) -> tuple[TokenSpan, TokenSpan]:
         if self._spans is None:
             if self.is_hf_tokenizer:
                 self._tokenizer = self.tokenizer  # load it now: a missing one fails before any text is read
-            bin_source = resolve_bin_source(self.sources) if self.sources is not None else None
-            self._spans = self._prepare_bin(bin_source) if bin_source else self._prepare_text()
+            shard_dir = shard_source(self.sources) if self.sources is not None else None
+            bin_source = resolve_bin_source(self.sources) if self.sources and not shard_dir else None
+            if shard_dir is not None:
+                self._spans = self._prepare_shards(shard_dir)
+            else:
+                self._spans = self._prepare_bin(bin_source) if bin_source else self._prepare_text()
             self._check_split_lengths(*self._spans)
+            self._report_splits(*self._spans)
         return self._spans
 
     def _prepare_text(self) -> tuple[TokenSpan, TokenSpan]:
@@ -378,45 +424,57 @@ class TextDataModule(LightningDataModule):
         meta = self._read_cache(folder)
         self.cache_hit = meta is not None
         if meta is None:
-            log.info("tokenising %s into %s", describe, folder)
+            rank_zero_info(f"data: tokenising {describe} into {folder}")
             meta = self._tokenise_to_cache(folder, pieces, describe)
         else:
-            log.info("reusing the token cache %s", folder)
+            rank_zero_info(f"data: reusing the tokenised corpus in {folder}")
+        self._report_corpus(describe, meta.get("corpus"))
         if self.tokenizer_name == "bpe":
             self._tokenizer = BPETokenizer.from_file(folder / "tokenizer.json", self.bpe_vocab_size)
+            how = "trained now, saved to" if not self.cache_hit else "loaded from"
+            self._report_tokenizer(f"{how} {folder / 'tokenizer.json'}")
+        else:
+            self._report_tokenizer()
         return self._split_stream(TokenSpan(folder / "tokens.bin", meta["dtype"], 0, meta["n_tokens"]))
 
-    def _text_source(self) -> tuple[Any, Callable[[], Iterator[str]], str]:
+    def _text_source(self) -> tuple[Any, Pieces, str]:
         """(cache identity, a factory of corpus pieces, a description for messages) of a text source."""
         return self._dataset_source() if self.dataset_name is not None else self._file_source()
 
-    def _dataset_source(self) -> tuple[Any, Callable[[], Iterator[str]], str]:
+    def _dataset_source(self) -> tuple[Any, Pieces, str]:
         name, config, column = str(self.dataset_name), self.dataset_config, self.text_column
         dataset = functools.cache(
             lambda: load_text_dataset(name, config, self.streaming)
         )  # loaded on first use
 
-        def pieces() -> Iterator[str]:
-            return corpus_pieces(iter_dataset_texts(dataset(), column, name), self.max_chars)
+        def pieces(stats: CorpusStats | None = None) -> Iterator[str]:
+            stats = CorpusStats() if stats is None else stats
+            yield from corpus_pieces(iter_dataset_texts(dataset(), column, name), self.max_chars, stats)
+            if stats.truncated and not self.streaming:
+                stats.available = dataset_chars(dataset(), column)
 
+        streaming = ", streaming" if self.streaming else ""
         return (
             dataset_identity(name, config, column),
             pieces,
-            f"dataset_name={name!r} (text_column={column!r})",
+            f"dataset_name={name!r} (text_column={column!r}{streaming})",
         )
 
-    def _file_source(self) -> tuple[Any, Callable[[], Iterator[str]], str]:
+    def _file_source(self) -> tuple[Any, Pieces, str]:
         files = default_corpus_files() if self.sources is None else resolve_text_files(self.sources)
         if not files:
             raise FileNotFoundError("the default corpus (the standard library's *.py files) was not found")
-        shown = ", ".join(repr(str(f)) for f in files[:5]) + (
-            f" and {len(files) - 5} more" if len(files) > 5 else ""
-        )
+        if self.sources is None:
+            describe = f"the embedded default corpus ({len(files):,} standard-library .py files)"
+        else:
+            shown = ", ".join(repr(str(f)) for f in files[:3])
+            more = f" and {len(files) - 3:,} more" if len(files) > 3 else ""
+            describe = f"{len(files):,} file{'s' if len(files) > 1 else ''} ({shown}{more})"
 
-        def pieces() -> Iterator[str]:
-            return corpus_pieces(iter_file_texts(files), self.max_chars)
+        def pieces(stats: CorpusStats | None = None) -> Iterator[str]:
+            return corpus_pieces(iter_file_texts(files), self.max_chars, stats, count_rest=stats is not None)
 
-        return [file_identity(f) for f in files], pieces, f"the files {shown}"
+        return [file_identity(f) for f in files], pieces, describe
 
     def _cache_key(self, source_identity: Any) -> str:
         tokenizer = (
@@ -445,17 +503,16 @@ class TextDataModule(LightningDataModule):
             complete = complete and (folder / "tokenizer.json").is_file()
         return meta if complete else None
 
-    def _tokenise_to_cache(
-        self, folder: Path, pieces: Callable[[], Iterator[str]], describe: str
-    ) -> dict[str, Any]:
+    def _tokenise_to_cache(self, folder: Path, pieces: Pieces, describe: str) -> dict[str, Any]:
         folder.mkdir(parents=True, exist_ok=True)
         tokenizer = (
             self._train_bpe(folder, pieces, describe) if self.tokenizer_name == "bpe" else self.tokenizer
         )
         dtype = token_dtype(self.vocab_size)
+        stats = CorpusStats()
         with _atomic_path(folder / "tokens.bin") as tmp, tmp.open("wb") as out:
             n_tokens = 0
-            for batch in _batches(pieces(), _ENCODE_BATCH_CHARS):
+            for batch in _batches(pieces(stats), _ENCODE_BATCH_CHARS):
                 ids = tokenizer.encode_array(batch)
                 ids.astype(dtype).tofile(out)
                 n_tokens += len(ids)
@@ -466,18 +523,22 @@ class TextDataModule(LightningDataModule):
             "dtype": dtype,
             "vocab_size": self.vocab_size,
             "tokenizer": self.tokenizer_name,
+            "corpus": dataclasses.asdict(stats),
         }
         _write_text_atomic(
             folder / "meta.json", json.dumps(meta, indent=1)
         )  # written last: marks completeness
         return meta
 
-    def _train_bpe(self, folder: Path, pieces: Callable[[], Iterator[str]], describe: str) -> BPETokenizer:
-        total_chars = sum(len(piece) for piece in pieces())
+    def _train_bpe(self, folder: Path, pieces: Pieces, describe: str) -> BPETokenizer:
+        total_chars = sum(len(piece) for piece in pieces(None))
         if total_chars == 0:
             raise self._no_text_error(describe)
         train_chars = int(total_chars * (1.0 - self.val_fraction))
-        log.info("training a %d-token byte-level BPE on %d characters", self.bpe_vocab_size, train_chars)
+        rank_zero_info(
+            f"data: training a byte-level BPE tokenizer (vocabulary {self.bpe_vocab_size:,}) on the training "
+            f"split's {train_chars:,} characters"
+        )
         trained = train_bpe(take_chars(pieces(), train_chars), self.bpe_vocab_size)
         _write_text_atomic(folder / "tokenizer.json", trained.to_str())
         return BPETokenizer(trained, self.bpe_vocab_size)
@@ -490,10 +551,32 @@ class TextDataModule(LightningDataModule):
         self.cache_hit, self.cache_path = None, None
         if self.tokenizer_name == "bpe":
             self._tokenizer = self._bpe_beside(source.train)
+        files = f"{str(source.train)!r}" + (f" and {str(source.val)!r}" if source.val else "")
+        rank_zero_info(f"data: corpus: the token files {files} ({self.bin_dtype}), used as they are")
+        beside = source.train.parent / "tokenizer.json"
+        self._report_tokenizer(f"loaded from {beside}" if self.tokenizer_name == "bpe" else "")
         train = self._bin_span(source.train)
         if source.val is None:
             return self._split_stream(train)
         return train, self._bin_span(source.val)
+
+    def _prepare_shards(self, folder: Path) -> tuple[ShardSpan, ShardSpan]:
+        """The train / val shards of a prepared directory, memory-mapped, after checking its tokenizer."""
+        self.cache_hit, self.cache_path = None, None
+        shards = open_shard_dir(folder)
+        if self.tokenizer_name == "bpe":
+            path = folder / BPE_NAME
+            if not path.is_file():
+                raise ValueError(
+                    f"tokenizer='bpe' reads the BPE that made the shards from {str(path)!r}, which does not "
+                    f"exist; the shards were made with {describe_identity(shards.tokenizer)}: set "
+                    "data.init_args.tokenizer to that tokenizer"
+                )
+            self._tokenizer = BPETokenizer.from_file(path, self.bpe_vocab_size)
+        shards.check_tokenizer(self.tokenizer, self.tokenizer_name)
+        rank_zero_info(f"data: corpus: {shards.describe()}")
+        self._report_tokenizer(f"loaded from {folder / BPE_NAME}" if self.tokenizer_name == "bpe" else "")
+        return shards.train, shards.val
 
     def _bpe_beside(self, train_bin: Path) -> BPETokenizer:
         path = train_bin.parent / "tokenizer.json"
@@ -535,6 +618,53 @@ class TextDataModule(LightningDataModule):
             TokenSpan(stream.path, stream.dtype, boundary, stream.end),
         )
 
+    # -------------------------------------------------------------------------------------------- messages
+    def _report_corpus(self, describe: str, corpus: dict[str, Any] | None) -> None:
+        """Say what text the tokens came from; warn when max_chars cut a user's sources or dataset."""
+        if corpus is None:  # a cache written without corpus statistics
+            rank_zero_info(f"data: corpus: {describe}")
+            return
+        chars, documents, available = corpus["chars"], corpus["documents"], corpus.get("available")
+        docs = f"{documents:,} document{'s' if documents != 1 else ''}"
+        if corpus["truncated"]:
+            of = f"{available:,}" if available is not None else "more (not counted)"
+            read = f"the first {chars:,} of {of} characters (max_chars={self.max_chars:,}), {docs}"
+        else:
+            read = f"{chars:,} characters, {docs}"
+        rank_zero_info(f"data: corpus: {describe}: {read}")
+        if corpus["truncated"] and not self.is_default_corpus:
+            of = f" of {available:,}" if available is not None else ""
+            rank_zero_warn(
+                f"max_chars={self.max_chars:,} cuts the corpus: {chars:,}{of} characters of {describe} are "
+                "used. Set data.init_args.max_chars to null (or higher) to read all of them"
+            )
+
+    def _report_tokenizer(self, how: str = "") -> None:
+        """Say which tokenizer the data uses, its vocabulary, and where a BPE one came from."""
+        tokenizer = self.tokenizer
+        learned = ""
+        if isinstance(tokenizer, BPETokenizer):
+            size = tokenizer.tokenizer.get_vocab_size()
+            learned = f" ({size:,} learned, the rest unused)" if size < tokenizer.vocab_size else ""
+        how = f", {how}" if how else ""
+        rank_zero_info(
+            f"data: tokenizer: {tokenizer.describe()}, vocabulary {tokenizer.vocab_size:,}{learned}{how}"
+        )
+
+    def _report_splits(self, train: TokenSpan, val: TokenSpan) -> None:
+        """Say how many tokens and windows each split has, and how many validation windows are evaluated."""
+        train_windows = len(TokenWindows(train, self.block_size, offset=self._train_offset()))
+        val_windows = len(TokenWindows(val, self.block_size))
+        evaluated = (
+            "all evaluated"
+            if self.val_windows is None or self.val_windows >= val_windows
+            else f"{self.val_windows:,} of them evaluated, evenly spread (val_windows)"
+        )
+        rank_zero_info(
+            f"data: tokens: train {len(train):,} ({train_windows:,} windows of {self.block_size}), "
+            f"validation {len(val):,} ({val_windows:,} windows, {evaluated})"
+        )
+
     def _check_split_lengths(self, train: TokenSpan, val: TokenSpan) -> None:
         need = self.block_size + 1
         if len(train) < need or len(val) < need:
@@ -559,12 +689,16 @@ class TextDataModule(LightningDataModule):
         return loader
 
     def val_dataloader(self) -> DataLoader:
-        """Validation windows in order; the last partial batch is kept."""
-        return self._loader(self._dataset("val"), shuffle=False, drop_last=False)
+        """Validation windows in order (`val_windows` of them evenly spread, or all); the last partial batch
+        is kept. Under DDP Lightning gives each rank its share with a DistributedSampler."""
+        dataset: Dataset = self._dataset("val")
+        if self.val_windows is not None and self.val_windows < len(dataset):
+            dataset = Subset(dataset, evenly_spread(self.val_windows, len(dataset)))
+        return self._loader(dataset, shuffle=False, drop_last=False)
 
     def test_dataloader(self) -> DataLoader:
-        """The validation windows."""
-        return self.val_dataloader()
+        """Every validation window, in order (val_windows does not apply)."""
+        return self._loader(self._dataset("val"), shuffle=False, drop_last=False)
 
     def _dataset(self, split: str) -> TokenWindows:
         if split not in ("train", "val"):
@@ -580,7 +714,7 @@ class TextDataModule(LightningDataModule):
         prompts = [torch.tensor(self.encode(p) or [0], dtype=torch.long) for p in self.predict_prompts]
         return DataLoader(prompts, batch_size=1)
 
-    def _loader(self, dataset: TokenWindows, shuffle: bool, drop_last: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
         return DataLoader(
             dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=drop_last, **self._loader_kwargs()
         )
@@ -607,6 +741,28 @@ class TextDataModule(LightningDataModule):
         return torch.cuda.is_available()
 
     # ------------------------------------------------------------------------------------------ statistics
+    @property
+    def token_bytes(self) -> torch.Tensor:
+        """The UTF-8 byte length of every token id, int64 of shape (vocab_size,), for bits per byte: exact for
+        "bpe" and "bytes", the length of each token decoded alone for a transformers tokenizer."""
+        if self._token_bytes is None:
+            self.setup()
+            self._token_bytes = torch.from_numpy(self.tokenizer.token_bytes())
+        return self._token_bytes
+
+    def sample_prompt(self) -> str:
+        """A prompt from the validation data, the same in every run: the first full line of the split's first
+        window (its first line when there is no line break), at most 16 tokens of it."""
+        if self._sample_prompt is None:
+            self.setup()
+            assert self.val_dataset is not None
+            text = self.decode(self.val_dataset.tokens[: self.block_size + 1].tolist())
+            lines = [line for line in text.split("\n")[1:-1] if line.strip()]  # whole lines only
+            line = lines[0] if lines else text.split("\n")[0].lstrip("\ufffd")
+            prompt = self.decode(self.encode(line)[:_PROMPT_TOKENS]).rstrip("\ufffd")
+            self._sample_prompt = prompt if prompt.strip() else "\n"
+        return self._sample_prompt
+
     def unigram_entropy(self, split: str = "val") -> float:
         """Entropy (nats/token) of the split's unigram token distribution: the loss of a model that ignores
         context."""

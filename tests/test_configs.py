@@ -8,7 +8,8 @@ from train import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-METHOD_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name not in ("trainer", "callbacks"))
+PRESET_DIRS = ("trainer", "callbacks", "loggers")
+METHOD_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name not in PRESET_DIRS)
 TRAINER_PRESETS = sorted((CONFIGS / "trainer").glob("*.yaml"))
 BASE = CONFIGS / "gpt2" / "tiny.yaml"
 
@@ -112,7 +113,8 @@ def test_callback_preset_appends_to_a_method_config(preset, tmp_path, monkeypatc
     wanted = yaml.safe_load(preset.read_text())["trainer"]
     cli = _instantiate(tmp_path, BASE, preset, extra=("--trainer.accelerator", "cpu"))
     callback_names = {type(c).__name__ for c in cli.trainer.callbacks}
-    assert {"ModelCheckpoint", "LearningRateMonitor", "ExactResume"} <= callback_names  # defaults kept
+    forced = {"BestCheckpoint", "PeriodicCheckpoint", "LearningRateMonitor", "ExactResume", "RunReport"}
+    assert forced <= callback_names  # train.py's always-on callbacks are kept
     for entry in wanted.get("callbacks+", []):
         assert entry["class_path"].rsplit(".", 1)[-1] in callback_names
     for entry in wanted.get("plugins", []):
@@ -125,6 +127,26 @@ def test_callback_presets_compose_together(tmp_path, monkeypatch):
     names = {type(c).__name__ for c in cli.trainer.callbacks}
     assert {"SkipNonFiniteSteps", "StepWindowProfiler", "TokenThroughputMonitor", "ExactResume"} <= names
     assert type(cli.trainer.strategy.checkpoint_io).__name__ == "AsyncAtomicCheckpointIO"
+
+
+LOGGER_PRESETS = sorted((CONFIGS / "loggers").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", LOGGER_PRESETS, ids=lambda p: p.name)
+def test_logger_preset_replaces_the_default_logger(preset, tmp_path, monkeypatch):
+    import yaml
+
+    wanted = yaml.safe_load(preset.read_text())["trainer"]["logger"]
+    if wanted["class_path"].endswith("WandbLogger"):
+        pytest.importorskip("wandb", reason="the wandb extra is not installed (pip install -e '.[wandb]')")
+        monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "root"
+    args = ["--config", str(BASE), "--config", str(preset), "--trainer.default_root_dir", str(root)]
+    cli = cli_main([*args, "--trainer.accelerator", "cpu"], run=False)
+    logger = cli.trainer.logger
+    assert type(logger).__name__ == wanted["class_path"].rsplit(".", 1)[-1]
+    assert Path(logger.save_dir) == root  # placed under trainer.default_root_dir by train.py
 
 
 def test_deepspeed_preset_without_the_package_says_how_to_install(monkeypatch):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,7 @@ from torch.utils.data import DistributedSampler
 
 import datamodules.text as text_module
 from datamodules import TextDataModule, default_corpus_files
-
-WORDS = ["def", "return", "class", "import", "self", "value", "index", "print", "for", "while", "if", "yield"]
+from tests.helpers.text import make_text
 
 
 @pytest.fixture(autouse=True)
@@ -27,12 +25,6 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-
-def make_text(n_lines: int, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(n_lines)]
-    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture

@@ -134,10 +134,12 @@ def test_kill_9_during_async_checkpointing_leaves_loadable_checkpoints(tmp_path)
         *FAST,
         f"--trainer.max_steps={step + 3}",
         "--trainer.limit_val_batches=0",
+        *[a for a in args if a.startswith("--checkpoint.")],  # the same checkpoint settings as the run
         f"--ckpt_path={last}",
     )
-    resumed = sorted((tmp_path / "lightning_logs").glob("version_*/checkpoints/last.ckpt"))[-1]
-    assert load_checkpoint_file(resumed)["global_step"] == step + 3
+    # the resumed fit continues in the run's own directory
+    assert not (tmp_path / "lightning_logs" / "version_1").exists()
+    assert load_checkpoint_file(last)["global_step"] == step + 3, sorted(p.name for p in ckpt_dir.iterdir())
     # A write cut off by the kill can only leave a hidden temporary, never a file named *.ckpt.
     leftovers = [p.name for p in ckpt_dir.iterdir() if not p.name.endswith(".ckpt")]
     assert all(name.startswith(".") and name.endswith(".tmp") for name in leftovers), leftovers

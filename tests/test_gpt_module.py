@@ -90,16 +90,26 @@ def test_lr_follows_schedule_under_trainer(tmp_path):
     assert final_lr == pytest.approx(1e-3, rel=1e-6)  # the floor: 10% of peak at the last step
 
 
-def test_validation_loss_is_token_weighted_and_ppl_is_its_exp(tmp_path):
-    module = GPTLightningModule(GPTConfig(**TINY), sample_tokens=0)
-    loader = one_batch_loader()
-    trainer = quiet_trainer(tmp_path)
-    (metrics,) = trainer.validate(module, loader, verbose=False)
-    x, y = next(iter(loader))
+def test_validation_loss_is_token_weighted_over_unequal_batches_and_ppl_is_its_exp(tmp_path):
+    module = GPTLightningModule(GPTConfig(**TINY), sample_tokens=0).eval()
     with torch.no_grad():
-        expected = module.loss(module(x), y).item()
-    assert metrics["val/loss"] == pytest.approx(expected, rel=1e-5)
-    assert metrics["val/ppl"] == pytest.approx(math.exp(expected), rel=1e-5)
+        module.model.transformer.ln_f.weight.mul_(30.0)  # sharp predictions: per-token losses spread widely
+        x = torch.randint(0, 64, (5, 8))
+        logits = module(x)
+    # Batch 0 (1 x 8 tokens): targets the model rules out (high loss); batch 1 (4 x 8 tokens): targets it
+    # predicts (low loss). A plain mean of the two batch losses weighs the 8 hard tokens like the 32 easy ones.
+    y = torch.cat([logits[:1].argmin(-1), logits[1:].argmax(-1)])
+    loader = DataLoader(TensorDataset(x, y), batch_sampler=[[0], [1, 2, 3, 4]])
+    (metrics,) = quiet_trainer(tmp_path).validate(module, loader, verbose=False)
+    with torch.no_grad():
+        per_batch = [module.loss(module(x[i]), y[i]).item() for i in (slice(0, 1), slice(1, 5))]
+        token_mean = torch.nn.functional.cross_entropy(module(x).flatten(0, 1), y.flatten()).item()
+    plain_mean = sum(per_batch) / 2
+    assert token_mean == pytest.approx((1 * per_batch[0] + 4 * per_batch[1]) / 5, rel=1e-5)
+    assert abs(plain_mean - token_mean) > 1.0, (plain_mean, token_mean)  # the test can tell them apart
+    assert metrics["val/loss"] == pytest.approx(token_mean, rel=1e-5)
+    assert metrics["val/loss"] != pytest.approx(plain_mean, rel=1e-2)
+    assert metrics["val/ppl"] == pytest.approx(math.exp(token_mean), rel=1e-5)
 
 
 def test_checkpoint_with_other_architecture_is_rejected(tmp_path):
@@ -193,6 +203,6 @@ def test_data_block_size_beyond_model_positions_fails_before_training(tmp_path):
         sources=str(corpus), tokenizer="bytes", block_size=64, batch_size=2, cache_dir=str(tmp_path / "cache")
     )
     module = GPTLightningModule(GPTConfig(**TINY), vocab_size=data.vocab_size)  # positions: 32
-    with pytest.raises(ValueError, match=r"block_size=64 exceeds the model's positions \(block_size=32\)"):
+    with pytest.raises(ValueError, match=r"block_size=64 exceeds the model's positions \(32\)"):
         quiet_trainer(tmp_path, max_steps=1).fit(module, datamodule=data)
     assert module.tokens_seen.item() == 0  # nothing trained

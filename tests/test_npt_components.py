@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -177,17 +175,17 @@ def test_init_statistics_and_dtype() -> None:
     assert meta.W_down.is_meta
 
 
-def test_init_is_one_vectorised_draw_per_tensor_and_fast() -> None:
+def test_init_is_one_vectorised_draw_per_tensor_at_any_size() -> None:
     with _OpRecorder() as rec:
         comp = NPComponent(64, 96, rank=4, num_ranks=64, mode="triple", seed=0)
     n_params = len(list(comp.parameters()))
     assert n_params == 6
     assert rec.ops.count("normal_") == n_params  # not one per component
     assert not any("qr" in op or "orgqr" in op or "geqrf" in op for op in rec.ops)
-    # k = 128 at a quarter of Llama-8B's d and f with r = 64: ~46M values; well under a second here
-    t0 = time.perf_counter()
-    NPComponent(1024, 3584, rank=64, num_ranks=128, seed=0)
-    assert time.perf_counter() - t0 < 5.0
+    # 32x the components: the same ops, only larger tensors (no per-component Python loop)
+    with _OpRecorder() as many:
+        NPComponent(64, 96, rank=4, num_ranks=2048, mode="triple", seed=0)
+    assert many.ops == rec.ops
 
 
 def test_gradients_reach_every_np_parameter() -> None:

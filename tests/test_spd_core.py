@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
+from datamodules.sparse_features import sparse_feature_batch
 from lightning_modules.spd import losses as L
 from lightning_modules.spd.ci_functions import MLPCiFn, SharedMLPCiFn, VectorMLPCiFn, make_ci_fn
 from lightning_modules.spd.component_model import (
@@ -34,13 +35,7 @@ from lightning_modules.spd.metrics import (
     mmcs_ml2r,
 )
 from lightning_modules.spd.sigmoids import SIGMOIDS, get_sigmoid
-from lightning_modules.spd.toy_models import (
-    ResidMLP,
-    TMSModel,
-    check_tms_target,
-    sparse_feature_batch,
-    train_toy_model,
-)
+from lightning_modules.spd.toy_models import ResidMLP, TMSModel, check_tms_target, train_toy_model
 
 # ----------------------------------------------------------------------------- fixtures
 
@@ -418,61 +413,51 @@ def loss_setup():
     return cm, ids, target_out, ci
 
 
+def sampler(ci, deltas, seed, n_mask_samples=1):
+    """A MaskSampler drawing from a fresh generator seeded with `seed`."""
+    return L.MaskSampler(
+        ci, deltas, n_mask_samples=n_mask_samples, generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def naive_draws(ci, deltas, g):
+    """One sample's draws in MaskSampler's order: masks for every module (ci order), then delta masks."""
+    masks = {n: c + (1 - c) * torch.rand(c.shape, generator=g) for n, c in ci.items()}
+    dm = (
+        None
+        if deltas is None
+        else {n: (deltas[n], torch.rand(c.shape[:-1], generator=g)) for n, c in ci.items()}
+    )
+    return masks, dm
+
+
 @pytest.mark.parametrize("kind", ["mse", "kl"])
 def test_stochastic_and_layerwise_losses_vs_naive(loss_setup, kind):
     cm, ids, target_out, ci = loss_setup
     deltas = {k: v.detach() for k, v in cm.weight_deltas().items()}
     with torch.no_grad():
-        # stochastic: per sample, masks for every module (ci order), then one delta mask per module
-        got = L.stochastic_recon_loss(
-            cm,
-            ids,
-            target_out,
-            ci,
-            deltas,
-            n_mask_samples=2,
-            output_loss_type=kind,
-            generator=torch.Generator().manual_seed(7),
-        )
-        g = torch.Generator().manual_seed(7)
-        ref = 0.0
-        for _ in range(2):
-            masks = {n: c + (1 - c) * torch.rand(c.shape, generator=g) for n, c in ci.items()}
-            dm = {n: (deltas[n], torch.rand(c.shape[:-1], generator=g)) for n, c in ci.items()}
-            ref += naive_loss(naive_forward(cm, ids, masks, dm), target_out, kind) / 2
-        assert abs(got.item() - ref) < 1e-4
-        # layerwise: same draws, one module at a time, averaged over modules and samples
-        got = L.stochastic_recon_layerwise_loss(
-            cm,
-            ids,
-            target_out,
-            ci,
-            deltas,
-            n_mask_samples=2,
-            output_loss_type=kind,
-            generator=torch.Generator().manual_seed(8),
-        )
-        g = torch.Generator().manual_seed(8)
-        ref, n = 0.0, 0
-        for _ in range(2):
-            masks = {n_: c + (1 - c) * torch.rand(c.shape, generator=g) for n_, c in ci.items()}
-            dm = {n_: (deltas[n_], torch.rand(c.shape[:-1], generator=g)) for n_, c in ci.items()}
-            for name in ci:
-                ref += naive_loss(
-                    naive_forward(cm, ids, {name: masks[name]}, {name: dm[name]}), target_out, kind
-                )
-                n += 1
-        assert abs(got.item() - ref / n) < 1e-4
+        for routing, seed in (("all", 7), ("layerwise", 8)):
+            got = L.stochastic_recon_loss(cm, ids, target_out, sampler(ci, deltas, seed, 2), kind, routing)
+            g = torch.Generator().manual_seed(seed)
+            ref, n = 0.0, 0
+            for _ in range(2):
+                masks, dm = naive_draws(ci, deltas, g)
+                # all: every module masked at once; layerwise: one module at a time, averaged over modules
+                for names in [list(ci)] if routing == "all" else [[name] for name in ci]:
+                    out = naive_forward(cm, ids, {k: masks[k] for k in names}, {k: dm[k] for k in names})
+                    ref += naive_loss(out, target_out, kind)
+                    n += 1
+            assert abs(got.item() - ref / n) < 1e-4, routing
+    with pytest.raises(ValueError, match="routing"):
+        L.stochastic_recon_loss(cm, ids, target_out, sampler(ci, deltas, 0), kind, "pairwise")
 
 
 def test_subset_ci_masked_unmasked_losses_vs_naive(loss_setup):
     cm, ids, target_out, ci = loss_setup
     with torch.no_grad():
-        got = L.stochastic_recon_subset_loss(
-            cm, ids, target_out, ci, None, output_loss_type="kl", generator=torch.Generator().manual_seed(9)
-        )
+        got = L.stochastic_recon_loss(cm, ids, target_out, sampler(ci, None, 9), "kl", "subset")
         g = torch.Generator().manual_seed(9)
-        masks = {n: c + (1 - c) * torch.rand(c.shape, generator=g) for n, c in ci.items()}
+        masks, _ = naive_draws(ci, None, g)
         routing = uniform_k_subset_routing_masks(list(ci), (2, 3), generator=g)
         ref = naive_kl(naive_forward(cm, ids, masks, None, routing), target_out)
         assert abs(got.item() - ref) < 1e-4
@@ -488,12 +473,8 @@ def test_hidden_acts_loss_vs_naive(loss_setup):
     clean = cm(ids, cache_acts=True).cache
     deltas = {k: v.detach() for k, v in cm.weight_deltas().items()}
     with torch.no_grad():
-        got = L.stochastic_hidden_acts_recon_loss(
-            cm, ids, clean, ci, deltas, generator=torch.Generator().manual_seed(4)
-        )
-        g = torch.Generator().manual_seed(4)
-        masks = {n: c + (1 - c) * torch.rand(c.shape, generator=g) for n, c in ci.items()}
-        dm = {n: (deltas[n], torch.rand(c.shape[:-1], generator=g)) for n, c in ci.items()}
+        got = L.stochastic_hidden_acts_recon_loss(cm, ids, clean, sampler(ci, deltas, 4))
+        masks, dm = naive_draws(ci, deltas, torch.Generator().manual_seed(4))
         _, inputs = naive_forward(cm, ids, masks, dm, capture_inputs=True)
     sq, n = 0.0, 0
     for name in ("fc", "proj", "head"):  # wte's input is token ids: skipped
@@ -509,7 +490,7 @@ def test_losses_backprop_to_components_and_ci():
     acts = cm(ids, cache_acts=True).cache
     lower, upper = cm.calc_causal_importances(acts)
     total = (
-        L.stochastic_recon_loss(cm, ids, target_out, lower, cm.weight_deltas(), output_loss_type="kl")
+        L.stochastic_recon_loss(cm, ids, target_out, L.MaskSampler(lower, cm.weight_deltas()), "kl")
         + L.importance_minimality_loss(upper, p=1.0)
         + L.faithfulness_loss(cm.weight_deltas())
     )
@@ -543,7 +524,7 @@ def test_pgd_sources_in_range_and_loss_increases(loss_setup):
             assert (dm[n][1] >= 0).all() and (dm[n][1] <= 1).all()
     del cm.forward
     with torch.no_grad():
-        stoch = sum(L.stochastic_recon_loss(cm, ids, target_out, ci, deltas) for _ in range(20)) / 20
+        stoch = L.stochastic_recon_loss(cm, ids, target_out, L.MaskSampler(ci, deltas, n_mask_samples=20))
     assert attacked.item() >= start.item() and attacked.item() > stoch.item()
     attacked.backward()  # gradient reaches the components through the final pass
     assert cm.component("fc").V.grad is not None

@@ -1,39 +1,28 @@
 """Our SPD step (persistent hooks, cached target weights, ScalarMLPFunction, fused KL) against the naive
-implementation in benchmarks/spd_speed.py: same losses and same gradients for every trained parameter."""
-
-import importlib.util
-import sys
+implementation in tests/helpers/spd_naive.py: same losses and same gradients for every trained parameter."""
 
 import pytest
 import torch
 
-from tests.helpers.cli import ROOT
-
-
-@pytest.fixture(scope="module")
-def spd_speed():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("spd_speed", ROOT / "benchmarks" / "spd_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from lightning_modules.spd.objective import SPDObjective
+from tests.helpers.spd_naive import COEFFS, NaiveSPD, build
 
 
 @pytest.mark.parametrize("config", ["tms_5-2", "tiny_lm"])
-def test_fast_path_matches_naive_losses_and_gradients(spd_speed, config):
+def test_fast_path_matches_naive_losses_and_gradients(config):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cm, x, loss_type = spd_speed.build(config, "cpu")
-        naive = spd_speed.NaiveSPD(cm)
-        objective = spd_speed.SPDObjective(dict(spd_speed.COEFFS), output_loss_type=loss_type)
+        cm, x, loss_type = build(config, "cpu")
+        naive = NaiveSPD(cm)
+        objective = SPDObjective(dict(COEFFS), output_loss_type=loss_type)
         torch.manual_seed(123)
         ours = objective(cm, x, 0.0)
         torch.manual_seed(123)
         theirs = naive.losses(x, loss_type, objective.p(0.0))
     finally:
         torch.set_num_threads(threads)
-    naive_total = sum(spd_speed.COEFFS[k] * v for k, v in theirs.items())
+    naive_total = sum(COEFFS[k] * v for k, v in theirs.items())
     assert ours.total.item() == pytest.approx(naive_total.item(), rel=1e-5)
     ours.total.backward()
     naive_total.backward()

@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from datamodules.sparse_features import SparseFeatureDataModule
 from lightning_modules.common.seeds import mixed_seed
 from lightning_modules.gpt.config import GPTConfig
+from lightning_modules.spd.config import GROUPS, LOSS_NAMES
 from lightning_modules.spd.figures import bar_chart, heatmap
 from lightning_modules.spd.module import SPDLightningModule
-from lightning_modules.spd.objective import LOSS_NAMES
 from lightning_modules.spd.targets import load_target, save_toy_target
 from lightning_modules.spd.toy_models import ResidMLP, TMSModel, train_toy_model
 from lightning_modules.spd.toy_target import ToyTargetLightningModule
@@ -43,15 +43,23 @@ def tms_target(tmp_path_factory) -> Path:
     )
 
 
+def merged(kwargs: dict, overrides: dict) -> dict:
+    """kwargs with overrides applied; a settings group's dict (components, objective, ...) is merged."""
+    out = dict(kwargs)
+    for key, value in overrides.items():
+        out[key] = out.get(key, {}) | value if key in GROUPS else value
+    return out
+
+
 def spd_module(target: Path | str | None, **overrides) -> SPDLightningModule:
     kwargs = dict(
         target=str(target) if target is not None else None,
         target_module_patterns={"linear1": 8, "linear2": 8},
-        tied_components={"linear2": "linear1"},
-        loss_coeffs={"stochastic_recon": 1.0, "importance_minimality": 3e-3},
-        faithfulness_warmup_steps=3,
+        components={"tied_components": {"linear2": "linear1"}},
+        objective={"loss_coeffs": {"stochastic_recon": 1.0, "importance_minimality": 3e-3}},
+        faithfulness_warmup={"steps": 3},
     )
-    return SPDLightningModule(**(kwargs | overrides))
+    return SPDLightningModule(**merged(kwargs, overrides))
 
 
 def fit(
@@ -91,7 +99,9 @@ def event_tags(log_dir: str) -> dict[str, list[str]]:
 
 
 def test_fit_logs_every_loss_figures_and_writes_results(tms_target, tmp_path):
-    module = spd_module(tms_target, loss_coeffs=ALL_LOSSES, pgd={"n_steps": 1, "step_size": 0.1})
+    module = spd_module(
+        tms_target, objective={"loss_coeffs": ALL_LOSSES, "pgd": {"n_steps": 1, "step_size": 0.1}}
+    )
     trainer = fit(module, toy_data(), tmp_path)
     tags = event_tags(trainer.log_dir)
     scalars, images = set(tags["scalars"]), set(tags["images"])
@@ -115,8 +125,13 @@ def test_fit_logs_every_loss_figures_and_writes_results(tms_target, tmp_path):
 
 
 def test_tied_components_share_storage_after_fit(tms_target, tmp_path):
-    module = spd_module(tms_target)
-    fit(module, toy_data(), tmp_path, steps=2)
+    module = spd_module(tms_target, lr_decay_steps=1, min_lr_ratio=0.25)
+    trainer = fit(module, toy_data(), tmp_path, steps=2)
+    (optimizer,) = trainer.optimizers  # the default: AdamW lr 1e-3, wd 0, torch's betas, one group
+    assert len(optimizer.param_groups) == 1 and optimizer.defaults["betas"] == (0.9, 0.999)
+    assert optimizer.defaults["lr"] == 1e-3 and optimizer.defaults["weight_decay"] == 0.0
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.25e-3)  # decayed after lr_decay_steps
+    assert module._total_steps == 2  # the importance-p schedule spans the run, not lr_decay_steps
     lin1, lin2 = module.cm.component("linear1"), module.cm.component("linear2")
     assert lin2.V.data_ptr() == lin1.U.data_ptr() and lin2.U.data_ptr() == lin1.V.data_ptr()
     torch.testing.assert_close(lin2.weight, lin1.weight.t())
@@ -134,8 +149,8 @@ def test_resid_mlp_target_and_decomposition(tmp_path):
     module = spd_module(
         tmp_path / "resid.pt",
         target_module_patterns={"layers.*.mlp_in": 12, "layers.*.mlp_out": 12},
-        tied_components=None,
-        identity_ci_patterns=["layers.*.mlp_in"],
+        components={"tied_components": None},
+        evaluation={"identity_ci_patterns": ["layers.*.mlp_in"]},
     )
     trainer = fit(module, data, tmp_path / "spd", steps=2)
     rows = json.loads((Path(trainer.log_dir) / "spd_results.json").read_text())["modules"]
@@ -149,9 +164,14 @@ def test_toy_target_lightning_checkpoint_loads_as_target(tmp_path):
     target = ToyTargetLightningModule("tms", {"n_features": 5, "n_hidden": 2})
     trainer = quiet_trainer(tmp_path, max_steps=2)
     trainer.fit(target, toy_data())
+    (optimizer,) = trainer.optimizers  # the default: AdamW lr 5e-3, wd 0.01 on every parameter
+    assert len(optimizer.param_groups) == 1 and optimizer.param_groups[0]["weight_decay"] == 0.01
+    assert optimizer.defaults["betas"] == (0.9, 0.999) and optimizer.defaults["lr"] == 5e-3
     trainer.save_checkpoint(tmp_path / "toy.ckpt")
     loaded = load_target(str(tmp_path / "toy.ckpt"))
     torch.testing.assert_close(loaded.linear1.weight, target.model.linear1.weight)
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0, got -1"):
+        ToyTargetLightningModule(warmup_steps=-1)
 
 
 def test_checkpoints_leave_out_the_file_target_and_resume_from_it(tms_target, tmp_path):
@@ -173,6 +193,35 @@ def test_checkpoints_leave_out_the_file_target_and_resume_from_it(tms_target, tm
     other = save_toy_target(tmp_path / "other.pt", TMSModel(5, 2), "tms", {"n_features": 5, "n_hidden": 2})
     with pytest.raises(ValueError, match="another target"):
         fit(spd_module(other), toy_data(), tmp_path / "other", steps=3, ckpt_path=tmp_path / "spd.ckpt")
+
+
+def test_checkpoint_with_flat_hyper_parameters_loads_into_the_groups(tms_target, tmp_path):
+    module = spd_module(
+        tms_target, components={"ci_fn_hidden_dims": [5]}, evaluation={"final_eval_batches": 2}
+    )
+    trainer = fit(module, toy_data(), tmp_path, steps=1)
+    trainer.save_checkpoint(tmp_path / "spd.ckpt")
+    ckpt = torch.load(tmp_path / "spd.ckpt", weights_only=True)
+    hparams = ckpt["hyper_parameters"]
+    assert hparams["objective"]["pgd"] == {
+        "n_steps": 1, "step_size": 0.1, "init": "random", "mask_scope": "unique_per_datapoint"
+    }  # fmt: skip
+    flat = {k: v for k, v in hparams.items() if k not in GROUPS and k != "min_lr_ratio"}
+    for group in ("components", "objective", "evaluation"):
+        flat.update(hparams[group])
+    flat.update({f"faithfulness_warmup_{k}": v for k, v in hparams["faithfulness_warmup"].items()})
+    flat["lr_final_frac"] = 0.25
+    ckpt["hyper_parameters"] = flat
+    torch.save(ckpt, tmp_path / "flat.ckpt")
+    with pytest.warns(DeprecationWarning, match="lr_final_frac"):
+        loaded = SPDLightningModule.load_from_checkpoint(tmp_path / "flat.ckpt", weights_only=True)
+    assert loaded.component_cfg == module.component_cfg and loaded.component_cfg.ci_fn_hidden_dims == [5]
+    assert loaded.objective == module.objective and loaded.eval_cfg.final_eval_batches == 2
+    assert loaded.warmup_cfg == module.warmup_cfg and loaded.hparams.min_lr_ratio == 0.25
+    assert {k: loaded.hparams[k] for k in GROUPS} == {k: hparams[k] for k in GROUPS}
+    torch.testing.assert_close(loaded.state_dict(), module.state_dict())
+    with pytest.raises(TypeError, match="ci_fn_typo"):
+        spd_module(tms_target, ci_fn_typo="mlp")
 
 
 def test_random_targets_stay_in_checkpoints(tmp_path):
@@ -208,22 +257,27 @@ TINY_GPT = GPTConfig(block_size=16, vocab_size=48, n_layer=1, n_head=2, n_embd=8
 
 def lm_module(**overrides) -> SPDLightningModule:
     """SPD of a random TINY_GPT (KL output loss) on TokenData's 48-token vocabulary."""
-    return spd_module(
-        None,
+    lm = dict(
         random_target=TINY_GPT,
         vocab_size=48,
         target_module_patterns=LM_PATTERNS,
-        tied_components=None,
-        output_loss_type="kl",
-        **overrides,
+        components={"tied_components": None},
+        objective={"output_loss_type": "kl"},
     )
+    return spd_module(None, **merged(lm, overrides))
 
 
 def test_lm_fit_logs_ce_kl_and_results(tmp_path):
     module = lm_module(
-        ci_fn_type="shared_mlp",
-        loss_coeffs={"stochastic_recon": 1.0, "stochastic_recon_subset": 1.0, "importance_minimality": 1e-3},
-        ci_alive_threshold=0.0,
+        components={"ci_fn_type": "shared_mlp"},
+        objective={
+            "loss_coeffs": {
+                "stochastic_recon": 1.0,
+                "stochastic_recon_subset": 1.0,
+                "importance_minimality": 1e-3,
+            }
+        },
+        evaluation={"ci_alive_threshold": 0.0},
     )
     trainer = fit(module, TokenData(), tmp_path)
     scalars = set(event_tags(trainer.log_dir)["scalars"])
@@ -236,7 +290,7 @@ def test_lm_fit_logs_ce_kl_and_results(tmp_path):
 
 
 def test_lm_bf16_mixed_through_the_trainer(tmp_path):
-    module = lm_module(loss_coeffs={"stochastic_recon": 1.0, "importance_minimality": 1e-3})
+    module = lm_module(objective={"loss_coeffs": {"stochastic_recon": 1.0, "importance_minimality": 1e-3}})
     trainer = quiet_trainer(tmp_path, max_steps=2, precision="bf16-mixed", limit_val_batches=1)
     trainer.fit(module, TokenData())
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
@@ -245,8 +299,8 @@ def test_lm_bf16_mixed_through_the_trainer(tmp_path):
 
 @pytest.mark.slow
 def test_compiled_ci_functions_and_components_match_eager(tms_target):
-    eager = spd_module(tms_target, faithfulness_warmup_steps=0)
-    compiled = spd_module(tms_target, faithfulness_warmup_steps=0, compile=True)
+    eager = spd_module(tms_target, faithfulness_warmup={"steps": 0})
+    compiled = spd_module(tms_target, faithfulness_warmup={"steps": 0}, compile=True)
     eager.build()
     compiled.build()
     compiled.cm.load_state_dict(eager.cm.state_dict())
@@ -267,11 +321,17 @@ def test_gpt_checkpoint_target_and_vocab_check(tmp_path):
     trainer.fit(gpt, TokenData())
     trainer.save_checkpoint(tmp_path / "gpt.ckpt")
     module = spd_module(
-        tmp_path / "gpt.ckpt", vocab_size=48, target_module_patterns=LM_PATTERNS, tied_components=None
+        tmp_path / "gpt.ckpt",
+        vocab_size=48,
+        target_module_patterns=LM_PATTERNS,
+        components={"tied_components": None},
     )
     assert module.build().module_names == ["transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc"]
     too_big = spd_module(
-        tmp_path / "gpt.ckpt", vocab_size=100, target_module_patterns=LM_PATTERNS, tied_components=None
+        tmp_path / "gpt.ckpt",
+        vocab_size=100,
+        target_module_patterns=LM_PATTERNS,
+        components={"tied_components": None},
     )
     with pytest.raises(ValueError, match="100 tokens"):
         too_big.build()
@@ -282,20 +342,45 @@ def test_gpt_checkpoint_target_and_vocab_check(tmp_path):
 
 def test_unknown_loss_name_and_bad_c_fail_at_init(tms_target):
     with pytest.raises(ValueError, match="valid names") as err:
-        spd_module(tms_target, loss_coeffs={"stochastic_recon": 1.0, "stochastic_reconn": 1.0})
+        spd_module(tms_target, objective={"loss_coeffs": {"stochastic_recon": 1.0, "stochastic_reconn": 1.0}})
     assert "stochastic_reconn" in str(err.value) and "pgd_recon" in str(err.value)
     with pytest.raises(ValueError, match="C must be an int >= 1"):
         spd_module(tms_target, target_module_patterns={"linear1": 0})
     with pytest.raises(ValueError, match="target is None"):
         spd_module(None)
     with pytest.raises(ValueError, match="sampling"):
-        spd_module(tms_target, sampling="bernoulli")
+        spd_module(tms_target, objective={"sampling": "bernoulli"})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"components": {"ci_fn_type": "lstm"}}, "ci_fn_type='lstm'.*shared_mlp"),
+        ({"components": {"ci_fn_hidden_dims": [0]}}, r"ci_fn_hidden_dims=\[0\]"),
+        ({"components": {"sigmoid_type": "relu"}}, "sigmoid_type='relu'.*leaky_hard"),
+        ({"components": {"tied_components": {"linear1": "linear1"}}}, "'linear1' to itself"),
+        ({"objective": {"n_mask_samples": 0}}, "n_mask_samples must be >= 1, got 0"),
+        ({"objective": {"importance_p_end": -1.0}}, "importance_p_end=-1.0"),
+        ({"objective": {"pgd": {"init": "gaussian"}}}, "init='gaussian'.*zeros"),
+        ({"faithfulness_warmup": {"steps": -1}}, "steps must be >= 0.*-1"),
+        ({"faithfulness_warmup": {"lr": 0.0}}, "lr > 0"),
+        ({"evaluation": {"ci_alive_threshold": 1.0}}, r"ci_alive_threshold must be in \[0, 1\), got 1.0"),
+        ({"evaluation": {"final_eval_batches": -2}}, "final_eval_batches must be >= 0, got -2"),
+        ({"min_lr_ratio": 1.5}, r"min_lr_ratio must be in \[0, 1\].*1.5"),
+        ({"lr_decay_steps": 0}, "lr_decay_steps must be >= 1"),
+    ],
+)
+def test_bad_settings_fail_at_init_naming_the_value(tms_target, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        spd_module(tms_target, **overrides)
 
 
 def test_bad_targets_fail_before_training(tms_target, tmp_path):
     with pytest.raises(ValueError, match="matched no"):
         spd_module(
-            tms_target, target_module_patterns={"linear1": 4, "linear3": 4}, tied_components=None
+            tms_target,
+            target_module_patterns={"linear1": 4, "linear3": 4},
+            components={"tied_components": None},
         ).build()
     missing = tmp_path / "nope.pt"
     with pytest.raises(FileNotFoundError, match="nope.pt"):
@@ -380,7 +465,7 @@ def test_train_cli_target_then_decomposition(tmp_path):
         "--trainer.max_steps=4",
         "--trainer.val_check_interval=2",
         "--data.init_args.batch_size=128",
-        "--model.init_args.faithfulness_warmup_steps=2",
+        "--model.init_args.faithfulness_warmup.steps=2",
     )
     results = json.loads((tmp_path / "lightning_logs" / "version_1" / "spd_results.json").read_text())
     assert results["global_step"] == 4 and set(results["modules"]) == {"linear1", "linear2"}
@@ -402,7 +487,8 @@ def test_train_cli_rejects_checkpoints_only_at_the_end(tmp_path):
 def test_train_cli_missing_target_names_the_path(tmp_path):
     result = run_train(tmp_path, "fit", "--config", str(SPD_CONFIGS / "tms_5-2.yaml"), check=False)
     assert result.returncode != 0
-    assert "FileNotFoundError" in result.stderr and "spd_targets/tms_5-2.pt" in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr  # a user error: short, no traceback
+    assert "does not exist" in result.stderr and "spd_targets/tms_5-2.pt" in result.stderr
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
-"""Loading GPT weights from our Lightning checkpoints or local `transformers` GPT-2 directories (no Lightning
-import: pure-PyTorch code such as NPT/SPD conversion uses it too)."""
+"""Loading GPT weights from our Lightning checkpoints (no Lightning import). Every other format, and the
+choice between them, goes through `lightning_modules.common.targets.load_target_model`."""
 
 from __future__ import annotations
 
@@ -18,15 +18,11 @@ def training_fields(config: GPTConfig) -> dict[str, Any]:
 
 
 def load_gpt_weights(path: str, training_overrides: dict[str, Any] | None = None) -> GPT:
-    """A GPT from a local `transformers` GPT-2 directory or one of our Lightning `.ckpt` files."""
+    """A GPT from one of our Lightning `.ckpt` files (training-only switches from `training_overrides`)."""
     source = Path(path)
     overrides = training_overrides or {}
-    if source.is_dir():
-        return GPT.from_hf(source, **overrides)
     if not source.is_file():
-        raise FileNotFoundError(
-            f"{path!r} does not exist; give one of our Lightning .ckpt files or a transformers model directory"
-        )
+        raise FileNotFoundError(f"{path!r} is not a file; give one of our Lightning .ckpt files")
     checkpoint = torch.load(source, map_location="cpu", weights_only=True)
     arch = checkpoint.get("gpt_architecture")
     if arch is None:

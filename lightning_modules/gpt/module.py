@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,21 +12,22 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_only
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 
+from callbacks.paths import run_dir
+from callbacks.prediction_writer import TextPredictionWriter
 from lightning_modules.common.batch import report_batch
-from lightning_modules.common.optim import (
-    build_optimizer,
-    decay_param_groups,
-    default_adamw,
-    warmup_cosine_lambda,
-)
-from lightning_modules.common.paths import run_dir
-from lightning_modules.gpt.checkpoint import load_gpt_weights, training_fields
+from lightning_modules.common.compat import check_data_fits, datamodule_of
+from lightning_modules.common.optim import adamw, check_schedule_args, configure_optimizer
+from lightning_modules.common.targets import load_target_model
+from lightning_modules.gpt.checkpoint import training_fields
 from lightning_modules.gpt.config import GPTConfig
 from lightning_modules.gpt.model import GPT
 
 log = logging.getLogger(__name__)
+
+
+GPT_ADAMW = adamw(lr=6e-4, weight_decay=0.1, module=__name__)  # the default optimizer (GPT-2 recipe)
 
 
 def training_flops(config: GPTConfig, shape: tuple[int, int]) -> int:
@@ -47,14 +49,19 @@ class GPTLightningModule(pl.LightningModule):
         vocab_size: tokens produced by the data (linked from `data.vocab_size` by train.py).
         init_from: start from weights: a local `transformers` GPT-2 directory or one of our `.ckpt` files;
             the architecture then comes from those weights, not from `config`.
-        optimizer: an optimizer factory (LightningCLI `OptimizerCallable`); weight decay applies only to
-            tensors with 2+ dims; fused on CUDA.
+        optimizer: an optimizer factory (LightningCLI `OptimizerCallable`; default AdamW lr 6e-4, betas
+            (0.9, 0.95), weight decay 0.1); weight decay applies only to tensors with 2+ dims; fused on CUDA.
         warmup_steps: linear warmup steps. lr_decay_steps: cosine length (None = the whole run).
         min_lr_ratio: the cosine ends at this fraction of the peak LR.
         loss_clamp: clamp each token's loss at this value before averaging (None = off); tames spikes.
         compile: `torch.compile` the inner model in configure_model (state-dict keys unchanged).
         sample_prompt / sample_tokens / sample_temperature / sample_top_k: the text sample generated and
-            logged after each validation (sample_tokens 0 = off).
+            logged after each validation (sample_tokens 0 = off); sample_prompt None: the DataModule's
+            `sample_prompt()` (a line of the validation data), or a newline when it has none.
+
+    Validation and test log `loss`, `ppl` and, when the DataModule has `token_bytes` (the UTF-8 length of
+    each token id), `bpb`: bits per byte, (sum of per-token cross-entropy in nats, not clamped) /
+    (ln 2 * sum of the target tokens' bytes), comparable across tokenizers.
     """
 
     def __init__(
@@ -62,14 +69,14 @@ class GPTLightningModule(pl.LightningModule):
         config: GPTConfig | None = None,
         vocab_size: int | None = None,
         init_from: str | None = None,
-        optimizer: OptimizerCallable = default_adamw,
+        optimizer: OptimizerCallable = GPT_ADAMW,
         warmup_steps: int = 100,
         lr_decay_steps: int | None = None,
         min_lr_ratio: float = 0.1,
         loss_clamp: float | None = None,
         compile: bool = False,
         compile_mode: str | None = None,
-        sample_prompt: str = "\n",
+        sample_prompt: str | None = None,
         sample_tokens: int = 128,
         sample_temperature: float = 0.8,
         sample_top_k: int | None = 50,
@@ -79,10 +86,7 @@ class GPTLightningModule(pl.LightningModule):
             config = GPTConfig(**config)
         # The config is stored as a plain dict so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["optimizer", "config"])
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if lr_decay_steps is not None and lr_decay_steps < 1:
-            raise ValueError(f"lr_decay_steps must be >= 1 or None, got {lr_decay_steps}")
+        check_schedule_args(warmup_steps, lr_decay_steps, min_lr_ratio)
         if loss_clamp is not None and loss_clamp <= 0:
             raise ValueError(f"loss_clamp must be > 0 or None, got {loss_clamp}")
         self.model = self._build_model(config or GPTConfig.from_name("tiny"), vocab_size, init_from)
@@ -91,6 +95,9 @@ class GPTLightningModule(pl.LightningModule):
         self.hparams["init_from"] = None  # the stored config now describes the weights; don't reload them
         self.optimizer_factory = optimizer
         self.val_loss = MeanMetric()  # token-weighted mean cross-entropy (weights = token counts)
+        self.val_nats = SumMetric()  # bits per byte: summed cross-entropy (nats) ...
+        self.val_bytes = SumMetric()  # ... over the summed UTF-8 bytes of the target tokens
+        self._token_bytes: tuple[torch.Tensor, torch.Tensor] | None = None  # (the data's, on this device)
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long), persistent=True)
         self._compiled = False
 
@@ -100,13 +107,8 @@ class GPTLightningModule(pl.LightningModule):
             if vocab_size is not None and vocab_size != config.vocab_size:
                 config = dataclasses.replace(config, vocab_size=vocab_size, padded_vocab_size=None)
             return GPT(config)
-        model = load_gpt_weights(init_from, training_overrides=training_fields(config))
-        if vocab_size is not None and vocab_size > model.config.padded_vocab_size:
-            raise ValueError(
-                f"the tokenizer has {vocab_size} tokens but the model from {init_from!r} embeds only "
-                f"{model.config.padded_vocab_size}; use that model's tokenizer or one with <= "
-                f"{model.config.padded_vocab_size} tokens"
-            )
+        model, _ = load_target_model(init_from, "gpt", config=training_fields(config))
+        check_data_fits(f"the model from {init_from!r}", vocab_size, model.config.padded_vocab_size)
         return model
 
     def configure_model(self) -> None:
@@ -115,21 +117,14 @@ class GPTLightningModule(pl.LightningModule):
             self._compiled = True
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is None:
-            return
-        block = getattr(datamodule, "block_size", None)
-        if block is not None and block > self.config.block_size:
-            raise ValueError(
-                f"data block_size={block} exceeds the model's positions (block_size={self.config.block_size}); "
-                f"set data.init_args.block_size <= {self.config.block_size}"
-            )
-        vocab = getattr(datamodule, "vocab_size", None)
-        if vocab is not None and vocab > self.config.padded_vocab_size:
-            raise ValueError(
-                f"the tokenizer has {vocab} tokens but the model embeds {self.config.padded_vocab_size}; "
-                "link data.vocab_size to the model or use a smaller tokenizer"
-            )
+        datamodule = datamodule_of(self)
+        check_data_fits(
+            "the model",
+            vocab_size=getattr(datamodule, "vocab_size", None),
+            embed_rows=self.config.padded_vocab_size,
+            block_size=getattr(datamodule, "block_size", None),
+            max_positions=self.config.block_size,
+        )
 
     def on_train_start(self) -> None:
         report_batch(self.trainer, self)
@@ -155,14 +150,44 @@ class GPTLightningModule(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         n_tokens = y.numel()
-        mean_loss = self.loss(self.model(x), y)
+        logits = self.model(x)
+        mean_loss = self.loss(logits, y)
         self.val_loss.update(mean_loss, weight=n_tokens)
+        token_bytes = self._target_token_bytes()
+        if token_bytes is not None:
+            nats = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+            self.val_nats.update(nats)
+            self.val_bytes.update(token_bytes[y].sum())
+
+    def _target_token_bytes(self) -> torch.Tensor | None:
+        """The DataModule's `token_bytes` (UTF-8 length per token id) on this device, or None without one."""
+        datamodule = datamodule_of(self)
+        source = getattr(datamodule, "token_bytes", None) if datamodule is not None else None
+        if not isinstance(source, torch.Tensor):
+            return None
+        cached = self._token_bytes
+        if cached is None or cached[0] is not source or cached[1].device != self.device:
+            self._token_bytes = cached = (source, source.to(self.device))
+        return cached[1]
+
+    def _bits_per_byte(self) -> torch.Tensor | None:
+        """Bits per byte of the validation/test pass (sums reduced across ranks), then reset; None without
+        token_bytes."""
+        if not self.val_bytes.update_called:
+            return None
+        bpb = self.val_nats.compute() / (math.log(2) * self.val_bytes.compute())
+        self.val_nats.reset()
+        self.val_bytes.reset()
+        return bpb
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()  # synchronised across ranks by torchmetrics
         self.val_loss.reset()
         self.log("val/loss", loss, prog_bar=True, sync_dist=False)
         self.log("val/ppl", torch.exp(loss), sync_dist=False)
+        bpb = self._bits_per_byte()
+        if bpb is not None:
+            self.log("val/bpb", bpb, sync_dist=False)
         if not self.trainer.sanity_checking:
             self._log_sample()
 
@@ -174,13 +199,23 @@ class GPTLightningModule(pl.LightningModule):
         self.val_loss.reset()
         self.log("test/loss", loss)
         self.log("test/ppl", torch.exp(loss))
+        bpb = self._bits_per_byte()
+        if bpb is not None:
+            self.log("test/bpb", bpb)
 
-    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        """Continue each prompt in the batch ((x, y) pairs use x) with the sampling settings."""
+    def predict_step(self, batch: Any, batch_idx: int) -> list[str] | torch.Tensor:
+        """Continue each prompt in the batch ((x, y) pairs use x) with the sampling settings; returns the texts
+        (prompt + continuation, the DataModule's `decode`), or the token ids (batch, seq) without one."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self.generate(
+        out = self.generate(
             x, self.hparams.sample_tokens, self.hparams.sample_temperature, self.hparams.sample_top_k
         )
+        decode = getattr(datamodule_of(self), "decode", None)
+        return out if decode is None else [decode(row) for row in out.tolist()]
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """`predict` writes its texts to predictions.txt in the run directory."""
+        return [TextPredictionWriter()]
 
     def generate(
         self,
@@ -202,7 +237,10 @@ class GPTLightningModule(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.hparams.sample_tokens <= 0 or datamodule is None or not hasattr(datamodule, "decode"):
             return
-        prompt = datamodule.encode(self.hparams.sample_prompt) or [0]
+        text = self.hparams.sample_prompt
+        if text is None:
+            text = datamodule.sample_prompt() if hasattr(datamodule, "sample_prompt") else "\n"
+        prompt = datamodule.encode(text) or [0]
         out = self.generate(
             torch.tensor([prompt], device=self.device),
             self.hparams.sample_tokens,
@@ -227,14 +265,11 @@ class GPTLightningModule(pl.LightningModule):
         return training_flops(self.config, tuple(batch[0].shape))
 
     def configure_optimizers(self) -> dict[str, Any]:
-        groups = decay_param_groups(self.model.named_parameters())
-        optimizer = build_optimizer(self.optimizer_factory, groups, on_cuda=self.device.type == "cuda")
-        total = self.hparams.lr_decay_steps or max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(self.hparams.warmup_steps, max(0, total - 1))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine_lambda(warmup, total, self.hparams.min_lr_ratio)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        hp = self.hparams
+        return configure_optimizer(
+            self, self.optimizer_factory, self.model.named_parameters(), hp.warmup_steps, hp.min_lr_ratio,
+            hp.lr_decay_steps,
+        )  # fmt: skip
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("gpt_architecture")

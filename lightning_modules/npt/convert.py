@@ -1,24 +1,34 @@
 """Convert chosen layers of a target LM into NPT layers, load targets, and run teacher / student passes.
 
-Targets (``family``): ``"gpt"`` our GPT (GELU or SwiGLU MLP), ``"gpt2"`` `transformers`' GPT2LMHeadModel
-(Conv1D weights (in, out), ``c_fc`` bias), ``"llama"`` `transformers`' LlamaForCausalLM (RoPE, causal
-mask, GQA). Each converted block is replaced in the model's own layer list by an :class:`NPTLayer`
-wrapping it, so the target's forward still computes embeddings, RoPE tables and masks. Base weights are
-frozen; only the NP components train. Pure PyTorch (no Lightning).
+Targets are read by :mod:`lightning_modules.common.targets` (our ``.ckpt``, a local transformers GPT-2 or
+Llama directory) or built fresh and tiny here. Families: ``"gpt"`` our GPT (GELU or SwiGLU MLP),
+``"gpt2"`` `transformers`' GPT2LMHeadModel (Conv1D weights (in, out), ``c_fc`` bias), ``"llama"``
+`transformers`' LlamaForCausalLM (RoPE, causal mask, GQA). Each converted block is replaced in the
+model's own layer list by an :class:`NPTLayer` wrapping it, so the target's forward still computes
+embeddings, RoPE tables and masks. Base weights are frozen; only the NP components train. Pure PyTorch
+(no Lightning).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.gpt.config import TRAINING_ONLY_FIELDS, GPTConfig
+from lightning_modules.common.targets import (
+    FAMILIES,
+    LAYOUTS,
+    check_family,
+    decoder_layers,
+    detect_family,
+    embedding_rows,
+    load_target_model,
+    max_positions,
+)
+from lightning_modules.gpt.config import GPTConfig
 from lightning_modules.gpt.model import GPT
 from lightning_modules.npt.components import MODES, NPComponent
 from lightning_modules.npt.layers import (
@@ -30,15 +40,10 @@ from lightning_modules.npt.layers import (
     SkipLayer,
 )
 
-FAMILIES = ("gpt", "gpt2", "llama")
+__all__ = ["FAMILIES", "NPTModel", "convert", "load_target", "mlp_sizes", "parse_layers"]
+
 _LAYER_CLASSES: dict[str, type[NPTLayer]] = {"gpt": GPTNPTLayer, "gpt2": GPT2NPTLayer, "llama": LlamaNPTLayer}
-# MLP submodules each family's blocks must have (checked before conversion).
-_MLP_PARTS = {
-    "gpt": ("c_fc", "c_proj"),
-    "gpt2": ("c_fc", "c_proj"),
-    "llama": ("gate_proj", "up_proj", "down_proj"),
-}
-_HF_MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama"}  # transformers model_type -> family
+FRESH_TARGET = "null for a fresh tiny target"  # NPT's own alternative, named in the loader's errors
 # Fresh tiny targets (target_path None), overridable by target_config.
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "gpt": {},  # GPTConfig.from_name("tiny"): 4 layers, 4 heads, 128 dims
@@ -56,32 +61,6 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 
 
 # ---------------------------------------------------------------------------------------------- targets
-def detect_family(model: nn.Module) -> str:
-    """'gpt', 'gpt2' or 'llama' for a supported in-memory model; ValueError otherwise."""
-    if isinstance(model, GPT):
-        return "gpt"
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    name = type(model).__name__
-    if model_type == "gpt2" and hasattr(model, "transformer") and hasattr(model, "lm_head"):
-        return "gpt2"
-    if model_type == "llama" and hasattr(model, "model") and hasattr(model, "lm_head"):
-        return "llama"
-    raise ValueError(
-        f"unsupported target {name} (model_type={model_type!r}); valid: our GPT, transformers "
-        f"GPT2LMHeadModel (gpt2), LlamaForCausalLM (llama)"
-    )
-
-
-def layer_list(model: nn.Module, family: str) -> nn.ModuleList:
-    """The model's decoder blocks, in order."""
-    return model.model.layers if family == "llama" else model.transformer.h
-
-
-def _check_family(family: str | None) -> None:
-    if family is not None and family not in FAMILIES:
-        raise ValueError(f"unknown target family {family!r}; valid: {FAMILIES}")
-
-
 def _build_fresh(family: str, config: dict[str, Any]) -> nn.Module:
     """A tiny randomly initialised target of ``family`` (TINY_CONFIGS overridden by ``config``)."""
     if family == "gpt":
@@ -94,21 +73,6 @@ def _build_fresh(family: str, config: dict[str, Any]) -> nn.Module:
     return LlamaForCausalLM(LlamaConfig(**{**TINY_CONFIGS[family], **config}))
 
 
-def _config_mismatch(loaded: Any, wanted: dict[str, Any], source: str) -> None:
-    """ValueError naming every field of ``wanted`` the loaded config lacks or disagrees with."""
-    bad = []
-    for key, value in wanted.items():
-        if not hasattr(loaded, key):
-            bad.append(f"{key}: unknown field")
-        elif getattr(loaded, key) != value:
-            bad.append(f"{key}: target_config={value!r} checkpoint={getattr(loaded, key)!r}")
-    if bad:
-        raise ValueError(
-            f"target_config does not match the target at {source!r}: {'; '.join(bad)}; remove these keys "
-            "or point target_path at matching weights"
-        )
-
-
 def load_target(
     path: str | None = None,
     family: str | None = None,
@@ -118,82 +82,23 @@ def load_target(
 ) -> tuple[nn.Module, str]:
     """(model in eval mode, family) from our ``.ckpt``, a local transformers dir, or fresh when path is None.
 
+    ``family``: None keeps a transformers GPT-2 directory as GPT2LMHeadModel; 'gpt' reads it into our GPT.
     ``config``: for a fresh target, overrides of TINY_CONFIGS[family]; for loaded weights, fields that
     must match the checkpoint (training-only GPT fields such as dropout are applied instead).
     ``load_in_8bit``: HF targets on CUDA through bitsandbytes (optional extra).
     """
-    _check_family(family)
-    config = dict(config or {})
-    if path is None:
-        family = family or "gpt"
-        if load_in_8bit:
-            raise ValueError(
-                "load_in_8bit needs pretrained weights: set target_path to a transformers directory"
-            )
-        model = _build_fresh(family, config)
-    else:
-        source = Path(path)
-        if not source.exists():
-            raise FileNotFoundError(
-                f"target_path={path!r} does not exist; give one of our GPT .ckpt files, a local transformers "
-                "directory (model_type gpt2 or llama), or null for a fresh tiny target"
-            )
-        model_type = None
-        if source.is_dir():
-            from transformers import AutoConfig
-
-            model_type = AutoConfig.from_pretrained(source, local_files_only=True).model_type
-            if model_type not in _HF_MODEL_TYPES:
-                raise ValueError(
-                    f"target {path!r} has model_type={model_type!r}, which has no supported MLP; valid: "
-                    f"{sorted(_HF_MODEL_TYPES)}"
-                )
-        if source.is_file() or family == "gpt":  # our checkpoint, or a GPT-2 dir read into our GPT
-            if family not in (None, "gpt") or model_type not in (None, "gpt2"):
-                raise ValueError(f"target_family={family!r} does not match {path!r}; valid: 'gpt' or null")
-            if load_in_8bit:
-                raise ValueError(
-                    "load_in_8bit supports transformers targets only (target_family gpt2 / llama)"
-                )
-            from lightning_modules.gpt.checkpoint import load_gpt_weights
-
-            training = {k: v for k, v in config.items() if k in TRAINING_ONLY_FIELDS}
-            model = load_gpt_weights(str(source), training_overrides=training)
-            _config_mismatch(model.config, {k: v for k, v in config.items() if k not in training}, path)
-            family = "gpt"
-        else:
-            found = _HF_MODEL_TYPES[model_type]
-            if family not in (None, found):
-                raise ValueError(
-                    f"target_family={family!r} does not match {path!r} (model_type={model_type!r}); "
-                    f"valid: {found!r}" + (" or 'gpt'" if found == "gpt2" else "")
-                )
-            family = found
-            model = _load_hf(source, family, dtype, load_in_8bit)
-            _config_mismatch(model.config, config, path)
-    if dtype is not None and not load_in_8bit:
+    check_family(family)
+    if path is not None:
+        return load_target_model(
+            path, family, config=config, dtype=dtype, load_in_8bit=load_in_8bit, also=(FRESH_TARGET,)
+        )
+    if load_in_8bit:
+        raise ValueError("load_in_8bit needs pretrained weights: set target_path to a transformers directory")
+    family = family or "gpt"
+    model = _build_fresh(family, dict(config or {}))
+    if dtype is not None:
         model.to(dtype)
     return model.eval(), family
-
-
-def _load_hf(source: Path, family: str, dtype: torch.dtype | None, load_in_8bit: bool) -> nn.Module:
-    """GPT2LMHeadModel / LlamaForCausalLM from a local directory (never the hub), optionally 8-bit."""
-    from transformers import GPT2LMHeadModel, LlamaForCausalLM
-
-    cls = GPT2LMHeadModel if family == "gpt2" else LlamaForCausalLM
-    kwargs: dict[str, Any] = {"local_files_only": True}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    if load_in_8bit:
-        if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
-            raise ValueError(
-                "load_in_8bit needs CUDA and the bitsandbytes package (pip install bitsandbytes); "
-                "valid alternatives: load_in_8bit=false with bf16 precision, or fewer converted layers"
-            )
-        from transformers import BitsAndBytesConfig
-
-        kwargs.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": 0})
-    return cls.from_pretrained(source, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- conversion
@@ -233,12 +138,14 @@ def parse_layers(spec: str | int | Sequence[int] | None, n_layer: int) -> list[i
 
 def mlp_sizes(block: nn.Module, family: str, index: int) -> tuple[int, int]:
     """(d_model, d_ffn) of a block's MLP; ValueError if it lacks the family's MLP projections."""
-    mlp = getattr(block, "mlp", None)
-    missing = [n for n in _MLP_PARTS[family] if getattr(mlp, n, None) is None] if mlp is not None else ["mlp"]
+    layout = LAYOUTS[family]
+    mlp = getattr(block, layout.mlp, None)
+    parts = layout.mlp_parts
+    missing = [n for n in parts if getattr(mlp, n, None) is None] if mlp is not None else [layout.mlp]
     if missing:
         raise ValueError(
             f"layer {index} ({type(block).__name__}) has no supported MLP: missing {missing}; valid "
-            f"{family} MLPs have {_MLP_PARTS[family]}"
+            f"{family} MLPs have {parts}"
         )
     first = mlp.gate_proj if family == "llama" else mlp.c_fc
     if type(first).__name__ == "Conv1D":  # weight (in, out)
@@ -272,7 +179,7 @@ def convert(
             )
     if mode not in MODES:
         raise ValueError(f"unknown np mode {mode!r}; valid: {sorted(MODES)}")
-    blocks = layer_list(model, family)
+    blocks = decoder_layers(model, family)
     if any(isinstance(b, NPTLayer) for b in blocks):
         raise ValueError("model is already converted; convert the original model")
     indices = parse_layers(layers, len(blocks))
@@ -312,7 +219,7 @@ class NPTModel(nn.Module):
     @property
     def layers(self) -> nn.ModuleList:
         """All decoder layers (converted ones are NPTLayers)."""
-        return layer_list(self.model, self.family)
+        return decoder_layers(self.model, self.family)
 
     @property
     def npt_layers(self) -> list[NPTLayer]:
@@ -327,15 +234,12 @@ class NPTModel(nn.Module):
     @property
     def embed_size(self) -> int:
         """Rows of the token embedding (largest token id + 1 it accepts)."""
-        if self.family == "gpt":
-            return int(self.model.config.padded_vocab_size)
-        return int(self.model.get_input_embeddings().num_embeddings)
+        return embedding_rows(self.model, self.family)
 
     @property
     def max_seq_len(self) -> int:
         """Longest sequence the target's positions allow."""
-        name = {"gpt": "block_size", "gpt2": "n_positions", "llama": "max_position_embeddings"}[self.family]
-        return int(getattr(self.model.config, name))
+        return max_positions(self.model, self.family)
 
     def np_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The trainable NP parameters, named as in state_dict()."""

@@ -18,22 +18,21 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics import MeanMetric
 
-from lightning_modules.common.optim import build_optimizer, decay_param_groups, warmup_cosine_lambda
+from lightning_modules.common.compat import check_data_fits, datamodule_of
+from lightning_modules.common.optim import adamw, check_schedule_args, configure_optimizer
 from lightning_modules.npt.convert import convert, load_target
 
 FIDELITY = ("kl", "mse")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def npt_adamw(params: Any) -> torch.optim.Optimizer:
-    """AdamW for NP parameters (lr 3e-4, betas (0.9, 0.95), weight decay 0.01)."""
-    return torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.01)
-
-
 def relative_mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """mean((output - target)²) / mean(target²), in float32; target detached."""
     target = target.detach().float()
     return (output.float() - target).square().mean() / target.square().mean().clamp_min(1e-12)
+
+
+NPT_ADAMW = adamw(lr=3e-4, weight_decay=0.01, module=__name__)  # the default optimizer
 
 
 class NPTLightningModule(pl.LightningModule):
@@ -54,7 +53,8 @@ class NPTLightningModule(pl.LightningModule):
             steps (align with trainer.log_every_n_steps; Lightning re-logs the last value in between).
         target_dtype: load the target in this dtype (NP params stay float32; needs mixed precision).
         load_in_8bit: 8-bit base weights (transformers target, CUDA + bitsandbytes only).
-        optimizer / warmup_steps / lr_decay_steps / min_lr_ratio: AdamW over NP params, warmup + cosine.
+        optimizer / warmup_steps / lr_decay_steps / min_lr_ratio: the optimizer over NP params (default AdamW lr
+            3e-4, betas (0.9, 0.95), weight decay 0.01 on 2+-dim tensors), linear warmup then cosine to min_lr_ratio of the peak.
     """
 
     def __init__(
@@ -76,7 +76,7 @@ class NPTLightningModule(pl.LightningModule):
         stats_every_n_steps: int = 50,
         target_dtype: str | None = None,
         load_in_8bit: bool = False,
-        optimizer: OptimizerCallable = npt_adamw,
+        optimizer: OptimizerCallable = NPT_ADAMW,
         warmup_steps: int = 100,
         lr_decay_steps: int | None = None,
         min_lr_ratio: float = 0.1,
@@ -85,7 +85,8 @@ class NPTLightningModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["optimizer"])
         if fidelity not in FIDELITY:
             raise ValueError(f"fidelity={fidelity!r}; valid: {FIDELITY}")
-        for name in ("fidelity_weight", "reg_weight", "warmup_steps"):
+        check_schedule_args(warmup_steps, lr_decay_steps, min_lr_ratio)
+        for name in ("fidelity_weight", "reg_weight"):
             if getattr(self.hparams, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self.hparams, name)}")
         if stats_every_n_steps < 1:
@@ -99,23 +100,18 @@ class NPTLightningModule(pl.LightningModule):
             target_path, target_family, config, DTYPES.get(target_dtype or ""), load_in_8bit
         )
         self.npt = convert(model, layers, rank, num_ranks, np_mode, init_scale, np_seed)
-        if vocab_size is not None and vocab_size > self.npt.embed_size:
-            raise ValueError(
-                f"the data has {vocab_size} tokens but the {family} target embeds {self.npt.embed_size}; use "
-                f"the target's tokenizer or one with <= {self.npt.embed_size} tokens"
-            )
+        check_data_fits(f"the {family} target", vocab_size, self.npt.embed_size)
         self.optimizer_factory = optimizer
         self.val_ce_npt, self.val_ce_original = MeanMetric(), MeanMetric()
 
     # ------------------------------------------------------------------ checks
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        block = getattr(datamodule, "block_size", None)
-        if block is not None and block > self.npt.max_seq_len:
-            raise ValueError(
-                f"data block_size={block} exceeds the target's positions ({self.npt.max_seq_len}); set "
-                f"data.init_args.block_size <= {self.npt.max_seq_len}"
-            )
+        datamodule = datamodule_of(self)
+        check_data_fits(
+            "the target",
+            block_size=getattr(datamodule, "block_size", None),
+            max_positions=self.npt.max_seq_len,
+        )
         precision = str(self.trainer.precision)
         if self.hparams.target_dtype not in (None, "float32") and "mixed" not in precision:
             raise ValueError(
@@ -198,14 +194,15 @@ class NPTLightningModule(pl.LightningModule):
             self.log(f"val/ppl_{name}", torch.exp(ce))
 
     def configure_optimizers(self) -> dict[str, Any]:
-        groups = decay_param_groups(self.npt.np_named_parameters())  # NP parameters only
-        optimizer = build_optimizer(self.optimizer_factory, groups, on_cuda=self.device.type == "cuda")
-        total = self.hparams.lr_decay_steps or max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(self.hparams.warmup_steps, max(0, total - 1))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine_lambda(warmup, total, self.hparams.min_lr_ratio)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        hp = self.hparams
+        return configure_optimizer(
+            self,
+            self.optimizer_factory,
+            self.npt.np_named_parameters(),
+            hp.warmup_steps,
+            hp.min_lr_ratio,
+            hp.lr_decay_steps,
+        )  # fmt: skip  (NP parameters only: the target stays frozen)
 
     # ------------------------------------------------------------------ checkpoints: NP parameters only
     def _np_keys(self) -> set[str]:

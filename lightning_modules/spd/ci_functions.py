@@ -64,9 +64,9 @@ class ScalarMLPFunction(torch.autograd.Function):
     Why not autograd: the (rows, C, H) hidden tensors are the step's largest (TMS: 4096 x 20 x 16), and
     autograd's graph keeps h and gelu(h) and makes ~6 more such temporaries in the backward, each swept
     from DRAM. Here forward keeps only gelu(h); the backward recomputes h block by block and does every
-    per-element op on a block while it sits in cache, accumulating the parameter gradients. The whole
-    TMS 5-2 training step gets 1.35x faster with glibc's malloc as shipped, 1.2x with a tuned one (README,
-    SPD speed). Matches autograd to float rounding (tests/test_spd_core.py).
+    per-element op on a block while it sits in cache, accumulating the parameter gradients (the speed-up is
+    in benchmarks/spd_speed.py's table, docs/benchmarks.md). Matches autograd to float rounding
+    (tests/test_spd_core.py).
     """
 
     @staticmethod

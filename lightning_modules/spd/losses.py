@@ -1,7 +1,8 @@
 """SPD losses as plain functions (total = sum_k coeff_k * loss_k).
 
 Notation: ci = lower-leaky causal importances {module: (..., C)}, ci_upper = upper-leaky ones,
-Delta = W_target - (V U)^T, r ~ U(0, 1), masks m = ci + (1 - ci) r (fresh for every term and sample).
+Delta = W_target - (V U)^T, r ~ U(0, 1), masks m = ci + (1 - ci) r (fresh for every term and sample; the
+stochastic terms draw them through one `MaskSampler`, each term only adding its body).
 Output losses: 'mse' = sum (y - y_hat)^2 / numel; 'kl' = KL(softmax(target) || softmax(pred)) summed
 over the last (vocab) dim and averaged over the other (token) dims. Wherever a loss takes `target_out`,
 a `KLTarget` (the target's softmax prepared once per batch) may stand in for the logits with 'kl'.
@@ -9,6 +10,8 @@ a `KLTarget` (the target's softmax prepared once per batch) may stand in for the
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -24,6 +27,9 @@ from .component_model import (
 )
 
 OutputLossType = Literal["mse", "kl"]
+DeltaMasks = dict[str, WeightDeltaAndMask]  # {module: (Delta (d_out, d_in), r (...))}
+Routing = Literal["all", "layerwise", "subset"]
+ROUTINGS = ("all", "layerwise", "subset")
 
 
 class KLTarget(NamedTuple):
@@ -119,81 +125,84 @@ def faithfulness_loss(weight_deltas: dict[str, Tensor]) -> Tensor:
     return sq / sum(d.numel() for d in weight_deltas.values())
 
 
-def _deltas_for(
-    ci: dict[str, Tensor], weight_deltas: dict[str, Tensor] | None, generator: torch.Generator | None
-) -> dict[str, WeightDeltaAndMask] | None:
-    """Per-example delta masks r ~ U(0, 1), or None when the delta component is off."""
-    return None if weight_deltas is None else weight_delta_masks(ci, weight_deltas, generator)
+@dataclass
+class MaskSampler:
+    """How the stochastic terms draw their masks: for each of n_mask_samples, component masks
+    m = ci + (1 - ci) r for every module (ci order), then, with weight_deltas, one delta mask r ~ U(0, 1)
+    per module and position; then whatever the term's own body draws, all from `generator`."""
+
+    ci: dict[str, Tensor]
+    weight_deltas: dict[str, Tensor] | None = None
+    sampling: Sampling = "continuous"
+    n_mask_samples: int = 1
+    generator: torch.Generator | None = None
+
+    def mean(
+        self, body: Callable[[dict[str, Tensor], DeltaMasks | None], Iterable[tuple[Tensor, int]]]
+    ) -> Tensor:
+        """sum of every (value, count) the body yields over the samples / sum of the counts (0 if none)."""
+        total, n = 0.0, 0
+        for _ in range(self.n_mask_samples):
+            masks = stochastic_masks(self.ci, self.sampling, self.generator)
+            deltas = (
+                None
+                if self.weight_deltas is None
+                else weight_delta_masks(self.ci, self.weight_deltas, self.generator)
+            )
+            for value, count in body(masks, deltas):
+                total = total + value
+                n += count
+        if n == 0:
+            return torch.zeros((), device=next(iter(self.ci.values())).device)
+        return total / n
 
 
 def stochastic_recon_loss(
     model: ComponentModel,
     batch: Tensor,
     target_out: Tensor,
-    ci: dict[str, Tensor],
-    weight_deltas: dict[str, Tensor] | None = None,
-    sampling: Sampling = "continuous",
-    n_mask_samples: int = 1,
+    sampler: MaskSampler,
     output_loss_type: OutputLossType = "mse",
-    generator: torch.Generator | None = None,
+    routing: Routing = "all",
 ) -> Tensor:
-    """mean_samples L(model(x; all modules masked by m, + r Delta), target_out)."""
-    total = 0.0
-    for _ in range(n_mask_samples):
-        masks = stochastic_masks(ci, sampling, generator)
-        out = model(batch, masks=masks, weight_deltas_and_masks=_deltas_for(ci, weight_deltas, generator))
-        total = total + output_recon_loss(out, target_out, output_loss_type)
-    return total / n_mask_samples
+    """Mean over samples of L(model(x; masked by m, + r Delta), target_out), where the masked modules are
+    'all': every module; 'layerwise': one module l at a time, the others the target (the mean also runs
+    over l); 'subset': per position a random k-subset of modules (k ~ U{1..L}, drawn after the masks)."""
+    if routing not in ROUTINGS:
+        raise ValueError(f"unknown routing {routing!r}; valid: {list(ROUTINGS)}")
+    ref = next(iter(sampler.ci.values()))
+
+    def body(masks: dict[str, Tensor], deltas: DeltaMasks | None) -> Iterator[tuple[Tensor, int]]:
+        if routing == "layerwise":
+            for name in masks:
+                one_delta = None if deltas is None else {name: deltas[name]}
+                out = model(batch, masks={name: masks[name]}, weight_deltas_and_masks=one_delta)
+                yield output_recon_loss(out, target_out, output_loss_type), 1
+            return
+        subset = (
+            uniform_k_subset_routing_masks(list(masks), ref.shape[:-1], ref.device, sampler.generator)
+            if routing == "subset"
+            else None
+        )
+        out = model(batch, masks=masks, weight_deltas_and_masks=deltas, routing_masks=subset)
+        yield output_recon_loss(out, target_out, output_loss_type), 1
+
+    return sampler.mean(body)
 
 
-def stochastic_recon_layerwise_loss(
-    model: ComponentModel,
-    batch: Tensor,
-    target_out: Tensor,
-    ci: dict[str, Tensor],
-    weight_deltas: dict[str, Tensor] | None = None,
-    sampling: Sampling = "continuous",
-    n_mask_samples: int = 1,
-    output_loss_type: OutputLossType = "mse",
-    generator: torch.Generator | None = None,
+def stochastic_hidden_acts_recon_loss(
+    model: ComponentModel, batch: Tensor, pre_weight_acts: dict[str, Tensor], sampler: MaskSampler
 ) -> Tensor:
-    """mean over samples and modules l of L(model(x; only l masked, others the target), target_out)."""
-    total, n = 0.0, 0
-    for _ in range(n_mask_samples):
-        masks = stochastic_masks(ci, sampling, generator)
-        deltas = _deltas_for(ci, weight_deltas, generator)
-        for name in ci:
-            one_delta = None if deltas is None else {name: deltas[name]}
-            out = model(batch, masks={name: masks[name]}, weight_deltas_and_masks=one_delta)
-            total = total + output_recon_loss(out, target_out, output_loss_type)
-            n += 1
-    return total / n
+    """sum over samples and modules of sum (input under masks - clean input)^2 / total numel
+    (modules with integer inputs, i.e. embeddings, are skipped)."""
 
+    def body(masks: dict[str, Tensor], deltas: DeltaMasks | None) -> Iterator[tuple[Tensor, int]]:
+        cache = model(batch, masks=masks, weight_deltas_and_masks=deltas, cache_acts=True).cache
+        for name, clean in pre_weight_acts.items():
+            if clean.is_floating_point():
+                yield (cache[name] - clean).pow(2).sum(), clean.numel()
 
-def stochastic_recon_subset_loss(
-    model: ComponentModel,
-    batch: Tensor,
-    target_out: Tensor,
-    ci: dict[str, Tensor],
-    weight_deltas: dict[str, Tensor] | None = None,
-    sampling: Sampling = "continuous",
-    n_mask_samples: int = 1,
-    output_loss_type: OutputLossType = "mse",
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Like stochastic_recon_loss, but per position a random k-subset of modules (k ~ U{1..L}) uses
-    components and the rest the target."""
-    total = 0.0
-    names = list(ci)
-    lead_shape = next(iter(ci.values())).shape[:-1]
-    device = next(iter(ci.values())).device
-    for _ in range(n_mask_samples):
-        masks = stochastic_masks(ci, sampling, generator)
-        deltas = _deltas_for(ci, weight_deltas, generator)
-        routing = uniform_k_subset_routing_masks(names, lead_shape, device, generator)
-        out = model(batch, masks=masks, weight_deltas_and_masks=deltas, routing_masks=routing)
-        total = total + output_recon_loss(out, target_out, output_loss_type)
-    return total / n_mask_samples
+    return sampler.mean(body)
 
 
 def ci_masked_recon_loss(
@@ -275,30 +284,3 @@ def pgd_recon_loss(
             for (k, v), g in zip(leaves.items(), grads)
         }
     return loss_at(sources, ci, weight_deltas)
-
-
-def stochastic_hidden_acts_recon_loss(
-    model: ComponentModel,
-    batch: Tensor,
-    pre_weight_acts: dict[str, Tensor],
-    ci: dict[str, Tensor],
-    weight_deltas: dict[str, Tensor] | None = None,
-    sampling: Sampling = "continuous",
-    n_mask_samples: int = 1,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """sum over samples and modules of sum (input under masks - clean input)^2 / total numel
-    (modules with integer inputs, i.e. embeddings, are skipped)."""
-    total, n = 0.0, 0
-    for _ in range(n_mask_samples):
-        masks = stochastic_masks(ci, sampling, generator)
-        deltas = _deltas_for(ci, weight_deltas, generator)
-        cache = model(batch, masks=masks, weight_deltas_and_masks=deltas, cache_acts=True).cache
-        for name, clean in pre_weight_acts.items():
-            if not clean.is_floating_point():
-                continue
-            total = total + (cache[name] - clean).pow(2).sum()
-            n += clean.numel()
-    if n == 0:
-        return torch.zeros((), device=batch.device)
-    return total / n

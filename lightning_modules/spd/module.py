@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+import warnings
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -18,17 +19,29 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_modules.common.optim import build_optimizer, warmup_cosine_lambda
-from lightning_modules.common.paths import run_dir
+from callbacks.paths import run_dir
+from lightning_modules.common.optim import (
+    adamw,
+    check_schedule_args,
+    configure_optimizer,
+    total_training_steps,
+)
 from lightning_modules.common.seeds import mixed_seed
 from lightning_modules.gpt.config import GPTConfig
 
 from .component_model import ComponentModel, tie_component_weights_
+from .config import (
+    GROUPS,
+    ComponentConfig,
+    EvalConfig,
+    FaithfulnessWarmupConfig,
+    ObjectiveConfig,
+    regroup_flat_hparams,
+)
 from .figures import spd_figures
 from .metrics import toy_module_report
 from .objective import (
     EvalAccumulator,
-    PGDSettings,
     SPDObjective,
     eval_batch,
     faithfulness_warmup,
@@ -40,9 +53,17 @@ TARGET_PREFIX = "cm.target_model."  # the frozen target's keys in this module's 
 TARGET_FINGERPRINT = "spd_target_fingerprint"
 
 
-def _spd_adamw(params: Any) -> torch.optim.Optimizer:
-    """SPD's optimizer: AdamW lr 1e-3, no weight decay."""
-    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+SPD_ADAMW = adamw(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), module=__name__)  # the default optimizer
+# the groups' defaults: shared, never modified (each module works on its own copy, see _group)
+COMPONENTS, OBJECTIVE, FAITHFULNESS_WARMUP, EVALUATION = (cls() for cls in GROUPS.values())
+Group = TypeVar("Group")
+
+
+def _group(cls: type[Group], value: Any) -> Group:
+    """A fresh settings group from an instance or a dict (YAML, checkpoint hyper-parameters); None: defaults."""
+    if value is None or isinstance(value, dict):
+        return cls(**(value or {}))
+    return cls(**vars(value))
 
 
 class SPDLightningModule(pl.LightningModule):
@@ -50,24 +71,21 @@ class SPDLightningModule(pl.LightningModule):
 
     Args:
         target: a toy target file / checkpoint, a GPT .ckpt, or a local transformers GPT-2 / Llama
-            directory; None
-            with `random_target` (GPTConfig fields): a freshly initialised GPT, for smoke runs only.
+            directory; None with `random_target` (GPTConfig fields): a freshly initialised GPT, for smoke
+            runs only.
         vocab_size: linked from the data (None for sparse features); must fit the LM target's vocabulary.
-        tied_components: {dst: src}: dst's V, U share src's U^T, V^T (TMS's tied linear2 = linear1^T).
-        ci_fn_type / ci_fn_hidden_dims / sigmoid_type: causal-importance functions (ci_functions.py).
-        sampling: "continuous" or "binomial" masks; n_mask_samples: masks per stochastic term;
-            use_delta_component: add r (W_target - V U) in stochastic forwards.
-        loss_coeffs: {name: coeff}, names in objective.LOSS_NAMES; importance_p[_end] and
-            p_anneal_{start,end}_frac: the importance-minimality exponent schedule (fractions of training).
-        output_loss_type: "mse" (toys) or "kl" (LMs). pgd: pgd_recon settings (PGDSettings fields).
-        faithfulness_warmup_{steps,lr,weight_decay}: the warm-up of V, U towards the target weights.
-        optimizer: OptimizerCallable over components and CI functions (default AdamW lr 1e-3, wd 0);
-            warmup_steps, then cosine to lr_final_frac of the peak.
-        ci_alive_threshold: alive = CI above this on some validation input.
-        identity_ci_patterns: toy modules whose single-feature CIs should be the identity (None: all).
-        final_eval_batches: validation batches of the end-of-fit evaluation.
+        components: ComponentConfig: CI functions, their sigmoid, tied components.
+        objective: ObjectiveConfig: loss coefficients, mask sampling, importance-p schedule, PGD.
+        faithfulness_warmup: FaithfulnessWarmupConfig: V, U fitted to the target weights first.
+        evaluation: EvalConfig: alive threshold, identity-CI modules, end-of-fit batches.
+        optimizer: OptimizerCallable over components and CI functions, one parameter group (default AdamW
+            lr 1e-3, wd 0, betas (0.9, 0.999)); warmup_steps, then cosine to min_lr_ratio of the peak at
+            lr_decay_steps (None: the end of the run).
         compile: torch.compile the CI functions and components (in configure_model).
         cpu_threads: torch.set_num_threads on CPU runs (None: leave it); toys run fastest on 1 thread.
+        flat: the groups' fields as flat arguments (`ci_fn_type`, `faithfulness_warmup_steps`,
+            `lr_final_frac` for min_lr_ratio, ...), as some checkpoints store them: mapped into the groups
+            with a DeprecationWarning.
     """
 
     def __init__(
@@ -76,34 +94,31 @@ class SPDLightningModule(pl.LightningModule):
         target_module_patterns: dict[str, int],
         vocab_size: int | None = None,
         random_target: GPTConfig | None = None,
-        tied_components: dict[str, str] | None = None,
-        ci_fn_type: str = "mlp",
-        ci_fn_hidden_dims: list[int] | None = None,
-        sigmoid_type: str = "leaky_hard",
-        sampling: str = "continuous",
-        n_mask_samples: int = 1,
-        use_delta_component: bool = True,
-        loss_coeffs: dict[str, float] | None = None,
-        importance_p: float = 1.0,
-        importance_p_end: float | None = None,
-        p_anneal_start_frac: float = 1.0,
-        p_anneal_end_frac: float = 1.0,
-        output_loss_type: str = "mse",
-        pgd: PGDSettings | None = None,
-        faithfulness_warmup_steps: int = 0,
-        faithfulness_warmup_lr: float = 1e-2,
-        faithfulness_warmup_weight_decay: float = 0.1,
-        optimizer: OptimizerCallable = _spd_adamw,
+        components: ComponentConfig = COMPONENTS,
+        objective: ObjectiveConfig = OBJECTIVE,
+        faithfulness_warmup: FaithfulnessWarmupConfig = FAITHFULNESS_WARMUP,
+        evaluation: EvalConfig = EVALUATION,
+        optimizer: OptimizerCallable = SPD_ADAMW,
         warmup_steps: int = 0,
-        lr_final_frac: float = 0.0,
-        ci_alive_threshold: float = 0.1,
-        identity_ci_patterns: list[str] | None = None,
-        final_eval_batches: int = 8,
+        lr_decay_steps: int | None = None,
+        min_lr_ratio: float = 0.0,
         compile: bool = False,
         cpu_threads: int | None = None,
+        **flat: Any,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer"])
+        if flat:
+            grouped = regroup_flat_hparams(flat)
+            message = f"flat arguments {sorted(flat)} are deprecated: give them in the groups {list(GROUPS)}"
+            warnings.warn(
+                f"SPDLightningModule: {message} (lr_final_frac: min_lr_ratio)", DeprecationWarning, 2
+            )
+            groups = (components, objective, faithfulness_warmup, evaluation)
+            components, objective, faithfulness_warmup, evaluation = (
+                grouped.get(k, v) for k, v in zip(GROUPS, groups)
+            )
+            min_lr_ratio = grouped.get("min_lr_ratio", min_lr_ratio)
+        self.save_hyperparameters(ignore=["optimizer", *flat])
         if target is None and random_target is None:
             raise ValueError(
                 "target is None: give a target path, or random_target (GPTConfig) for smoke runs"
@@ -113,25 +128,22 @@ class SPDLightningModule(pl.LightningModule):
         for pattern, C in target_module_patterns.items():
             if isinstance(C, bool) or not isinstance(C, int) or C < 1:
                 raise ValueError(f"target_module_patterns[{pattern!r}]: C must be an int >= 1, got {C!r}")
-        if min(faithfulness_warmup_steps, warmup_steps) < 0 or not 0.0 <= lr_final_frac <= 1.0:
-            raise ValueError(
-                "need faithfulness_warmup_steps >= 0, warmup_steps >= 0, 0 <= lr_final_frac <= 1"
-            )
-        pgd = PGDSettings(**pgd) if isinstance(pgd, dict) else pgd or PGDSettings()
-        self.hparams["pgd"] = dataclasses.asdict(pgd)  # plain dicts: checkpoints load with weights_only
+        check_schedule_args(warmup_steps, lr_decay_steps, min_lr_ratio)
+        self.component_cfg = _group(ComponentConfig, components)
+        self.objective = _group(SPDObjective, objective)
+        self.warmup_cfg = _group(FaithfulnessWarmupConfig, faithfulness_warmup)
+        self.eval_cfg = _group(EvalConfig, evaluation)
+        # plain dicts: checkpoints load with torch.load(weights_only=True)
+        for name, group in zip(GROUPS, (self.component_cfg, self.objective, self.warmup_cfg, self.eval_cfg)):
+            self.hparams[name] = dataclasses.asdict(group)
         if isinstance(random_target, GPTConfig):
             self.hparams["random_target"] = dataclasses.asdict(random_target)
-        self.objective = SPDObjective(
-            loss_coeffs if loss_coeffs is not None else {"stochastic_recon": 1.0, "importance_minimality": 1e-3},
-            sampling, n_mask_samples, output_loss_type, use_delta_component,  # type: ignore[arg-type]
-            importance_p, importance_p_end, p_anneal_start_frac, p_anneal_end_frac, pgd,
-        )  # fmt: skip
         self.optimizer_factory = optimizer
         self.cm: ComponentModel | None = None
         self.is_toy = False
         self.register_buffer("warmup_done", torch.zeros((), dtype=torch.bool))
         self._acc: EvalAccumulator | None = None
-        self._total_steps = 1  # set in configure_optimizers (for the importance-p schedule)
+        self._total_steps = 1  # set in configure_optimizers: the importance-p schedule's length
         self._compiled = False
         self._target_sums: dict[str, float] | None = None  # see _target_fingerprint
         # The stochastic masks come from their own generator, reseeded per (rank, step, micro-batch):
@@ -154,14 +166,11 @@ class SPDLightningModule(pl.LightningModule):
         )
         check_target_data(target, hp.vocab_size, None, hp.target)
         self.is_toy = hasattr(target, "n_features")
+        cfg = self.component_cfg
         cm = ComponentModel(
-            target,
-            dict(hp.target_module_patterns),
-            hp.ci_fn_type,
-            hp.ci_fn_hidden_dims or [16],
-            hp.sigmoid_type,
+            target, dict(hp.target_module_patterns), cfg.ci_fn_type, cfg.ci_fn_hidden_dims, cfg.sigmoid_type
         )
-        for dst, src in (hp.tied_components or {}).items():
+        for dst, src in (cfg.tied_components or {}).items():
             if dst not in cm.module_to_c or src not in cm.module_to_c:
                 raise ValueError(
                     f"tied_components {dst!r} <- {src!r}: both must be decomposed: {cm.module_names}"
@@ -173,11 +182,11 @@ class SPDLightningModule(pl.LightningModule):
                 )
         self.cm = cm
         self._tie()
-        self._acc = EvalAccumulator(cm.module_to_c, hp.ci_alive_threshold)
+        self._acc = EvalAccumulator(cm.module_to_c, self.eval_cfg.ci_alive_threshold)
         return cm
 
     def _tie(self) -> None:
-        for dst, src in (self.hparams.tied_components or {}).items():
+        for dst, src in (self.component_cfg.tied_components or {}).items():
             tie_component_weights_(self.cm, src, dst)
 
     def setup(self, stage: str) -> None:
@@ -236,14 +245,9 @@ class SPDLightningModule(pl.LightningModule):
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
         self._tie()  # device moves break `.data` ties
-        hp = self.hparams
-        if hp.faithfulness_warmup_steps and not bool(self.warmup_done):
-            loss = faithfulness_warmup(
-                self.cm,
-                hp.faithfulness_warmup_steps,
-                hp.faithfulness_warmup_lr,
-                hp.faithfulness_warmup_weight_decay,
-            )
+        cfg = self.warmup_cfg
+        if cfg.steps and not bool(self.warmup_done):
+            loss = faithfulness_warmup(self.cm, cfg.steps, cfg.lr, cfg.weight_decay)
             self.warmup_done.fill_(True)
             for logger in self.loggers:  # self.log is not allowed in on_fit_start
                 logger.log_metrics({"train/faithfulness_warmup": loss}, step=0)
@@ -273,24 +277,19 @@ class SPDLightningModule(pl.LightningModule):
         return self._mask_gen
 
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [
-            p for p in [*self.cm.components.parameters(), *self.cm.ci_fns.parameters()] if p.requires_grad
-        ]
-        optimizer = build_optimizer(
-            self.optimizer_factory, [{"params": params}], on_cuda=self.device.type == "cuda"
-        )
-        total = self._total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(self.hparams.warmup_steps, total - 1)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine_lambda(warmup, total, self.hparams.lr_final_frac)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        hp = self.hparams
+        self._total_steps = total_training_steps(self.trainer)  # the run's optimizer steps
+        named = [*self.cm.components.named_parameters(), *self.cm.ci_fns.named_parameters()]
+        return configure_optimizer(
+            self, self.optimizer_factory, named, hp.warmup_steps, hp.min_lr_ratio, hp.lr_decay_steps,
+            decay_groups=False,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: Any) -> None:
         x, y = self._split(batch)
         metrics, ci = eval_batch(
-            self.cm, x, self.hparams.output_loss_type, self.hparams.use_delta_component, y
+            self.cm, x, self.objective.output_loss_type, self.objective.use_delta_component, y
         )
         self._acc.update(metrics, ci)
 
@@ -317,19 +316,19 @@ class SPDLightningModule(pl.LightningModule):
         metrics = self._acc.means()
         mats: dict[str, dict[str, Tensor]] = {}
         if self.is_toy:
-            stats, mats = toy_module_report(self.cm, self.hparams.identity_ci_patterns)
+            stats, mats = toy_module_report(self.cm, self.eval_cfg.identity_ci_patterns)
             metrics.update({f"{k}/{name}": v for name, s in stats.items() for k, v in s.items()})
         return metrics, mats
 
     def on_fit_end(self) -> None:
-        """Evaluate the final weights on up to final_eval_batches validation batches; write spd_results.json."""
+        """Write spd_results.json: a fresh evaluation on up to evaluation.final_eval_batches val batches."""
         if self.global_rank != 0:  # no collective below: trainer.log_dir would broadcast and hang under DDP
             return
         datamodule = getattr(self.trainer, "datamodule", None)
         self._acc.reset()
         if datamodule is not None:
             for i, batch in enumerate(datamodule.val_dataloader()):
-                if i >= self.hparams.final_eval_batches:
+                if i >= self.eval_cfg.final_eval_batches:
                     break
                 self._eval_step(self.trainer.strategy.batch_to_device(batch))
         metrics = self._summary()[0] if self._acc.n_examples else {}

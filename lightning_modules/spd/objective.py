@@ -5,57 +5,23 @@ evaluation figures, kept out of the LightningModule so it stays readable and the
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import losses as L
-from .component_model import ComponentModel, Sampling, stochastic_masks, weight_delta_masks
+from .component_model import ComponentModel, stochastic_masks, weight_delta_masks
+from .config import ObjectiveConfig
 
-LOSS_NAMES = (
-    "faithfulness",
-    "stochastic_recon",
-    "stochastic_recon_layerwise",
-    "stochastic_recon_subset",
-    "importance_minimality",
-    "ci_masked_recon",
-    "unmasked_recon",
-    "pgd_recon",
-    "stochastic_hidden_acts_recon",
-)
-SAMPLINGS = ("continuous", "binomial")
-OUTPUT_LOSS_TYPES = ("mse", "kl")
-
-
-def check_loss_coeffs(loss_coeffs: dict[str, float]) -> dict[str, float]:
-    """Validated {name: coeff}: known names, finite coefficients >= 0, at least one > 0."""
-    unknown = sorted(set(loss_coeffs) - set(LOSS_NAMES))
-    if unknown:
-        raise ValueError(f"unknown loss name(s) {unknown} in loss_coeffs; valid names: {list(LOSS_NAMES)}")
-    out = {}
-    for name, coeff in loss_coeffs.items():
-        coeff = float(coeff)
-        if not math.isfinite(coeff) or coeff < 0:
-            raise ValueError(f"loss_coeffs[{name!r}]={coeff!r} must be a finite number >= 0")
-        out[name] = coeff
-    if not any(out.values()):
-        raise ValueError(f"loss_coeffs={loss_coeffs!r} has no positive coefficient")
-    return out
-
-
-@dataclass
-class PGDSettings:
-    """Adversarial-mask (pgd_recon) settings: sign-gradient ascent on mask sources in [0, 1]."""
-
-    n_steps: int = 1
-    step_size: float = 0.1
-    init: Literal["random", "ones", "zeros"] = "random"
-    mask_scope: Literal["unique_per_datapoint", "shared_across_batch"] = "unique_per_datapoint"
+# the stochastic output-recon terms: which modules each one masks (losses.stochastic_recon_loss)
+RECON_ROUTING: dict[str, L.Routing] = {
+    "stochastic_recon": "all",
+    "stochastic_recon_layerwise": "layerwise",
+    "stochastic_recon_subset": "subset",
+}
 
 
 class ObjectiveOutput(NamedTuple):
@@ -69,43 +35,17 @@ class ObjectiveOutput(NamedTuple):
     pre_weight_acts: dict[str, Tensor]
 
 
-@dataclass
-class SPDObjective:
+class SPDObjective(ObjectiveConfig):
     """total = sum_k coeff_k loss_k over the terms with a positive coefficient (see losses.py)."""
-
-    loss_coeffs: dict[str, float]
-    sampling: Sampling = "continuous"
-    n_mask_samples: int = 1
-    output_loss_type: L.OutputLossType = "mse"
-    use_delta_component: bool = True
-    p_start: float = 1.0
-    p_end: float | None = None
-    p_anneal_start_frac: float = 1.0
-    p_anneal_end_frac: float = 1.0
-    pgd: PGDSettings = field(default_factory=PGDSettings)
-
-    def __post_init__(self) -> None:
-        self.loss_coeffs = check_loss_coeffs(self.loss_coeffs)
-        if self.sampling not in SAMPLINGS:
-            raise ValueError(f"unknown sampling {self.sampling!r}; valid: {list(SAMPLINGS)}")
-        if self.output_loss_type not in OUTPUT_LOSS_TYPES:
-            raise ValueError(
-                f"unknown output_loss_type {self.output_loss_type!r}; valid: {list(OUTPUT_LOSS_TYPES)}"
-            )
-        if self.n_mask_samples < 1:
-            raise ValueError(f"n_mask_samples must be >= 1, got {self.n_mask_samples}")
-        if self.p_start <= 0 or (self.p_end is not None and self.p_end <= 0):
-            raise ValueError(f"importance p must be > 0, got start={self.p_start}, end={self.p_end}")
-        if not 0.0 <= self.p_anneal_start_frac <= self.p_anneal_end_frac <= 1.0:
-            raise ValueError(
-                f"need 0 <= p_anneal_start_frac <= p_anneal_end_frac <= 1, got "
-                f"{self.p_anneal_start_frac}, {self.p_anneal_end_frac}"
-            )
 
     def p(self, step_frac: float) -> float:
         """The importance-minimality exponent at this fraction of training."""
         return L.annealed_p(
-            step_frac, self.p_start, self.p_end, self.p_anneal_start_frac, self.p_anneal_end_frac
+            step_frac,
+            self.importance_p,
+            self.importance_p_end,
+            self.p_anneal_start_frac,
+            self.p_anneal_end_frac,
         )
 
     def __call__(
@@ -120,7 +60,7 @@ class SPDObjective:
         active = {k: c for k, c in self.loss_coeffs.items() if c > 0}
         deltas = model.weight_deltas() if self.use_delta_component or "faithfulness" in active else None
         recon_deltas = deltas if self.use_delta_component else None
-        common = dict(sampling=self.sampling, n_mask_samples=self.n_mask_samples, generator=generator)
+        sampler = L.MaskSampler(ci, recon_deltas, self.sampling, self.n_mask_samples, generator)
         out_type = self.output_loss_type
         terms: dict[str, Tensor] = {}
         for name in active:
@@ -128,17 +68,9 @@ class SPDObjective:
                 terms[name] = L.faithfulness_loss(deltas)
             elif name == "importance_minimality":
                 terms[name] = L.importance_minimality_loss(ci_upper, self.p(step_frac))
-            elif name == "stochastic_recon":
+            elif name in RECON_ROUTING:
                 terms[name] = L.stochastic_recon_loss(
-                    model, batch, recon_target, ci, recon_deltas, output_loss_type=out_type, **common
-                )
-            elif name == "stochastic_recon_layerwise":
-                terms[name] = L.stochastic_recon_layerwise_loss(
-                    model, batch, recon_target, ci, recon_deltas, output_loss_type=out_type, **common
-                )
-            elif name == "stochastic_recon_subset":
-                terms[name] = L.stochastic_recon_subset_loss(
-                    model, batch, recon_target, ci, recon_deltas, output_loss_type=out_type, **common
+                    model, batch, recon_target, sampler, out_type, RECON_ROUTING[name]
                 )
             elif name == "ci_masked_recon":
                 terms[name] = L.ci_masked_recon_loss(model, batch, recon_target, ci, out_type)
@@ -151,9 +83,7 @@ class SPDObjective:
                     p.mask_scope, out_type, generator,
                 )  # fmt: skip
             elif name == "stochastic_hidden_acts_recon":
-                terms[name] = L.stochastic_hidden_acts_recon_loss(
-                    model, batch, acts, ci, recon_deltas, **common
-                )
+                terms[name] = L.stochastic_hidden_acts_recon_loss(model, batch, acts, sampler)
         total = sum(self.loss_coeffs[k] * v for k, v in terms.items())
         return ObjectiveOutput(total, terms, ci, ci_upper, target_out, acts)
 

@@ -5,16 +5,16 @@ Toy target file (written by `ToyTargetLightningModule` at the end of fit, or `sa
 `torch.save`d dict {"spd_toy_target": {"model_type", "model_kwargs"}, "state_dict", "checks"}. The
 toy-target trainer's Lightning checkpoints carry the same "spd_toy_target" entry, so they load too.
 
-transformers directories: config.json's `model_type` picks the loader. GPT-2 becomes our GPT (same module
-names, `nn.Linear` projections, logits equal to float32 precision) unless it uses an option our GPT does
-not implement; then, like Llama, the transformers model itself is the target, wrapped in `HFCausalLM` so
-its forward returns the logits tensor and its module names stay the transformers ones
-(`model.layers.0.self_attn.q_proj`, `transformer.h.0.attn.c_attn` as a `Conv1D`).
+GPT checkpoints and transformers directories are read by `lightning_modules.common.targets`, in float32.
+A GPT-2 directory becomes our GPT (same module names, `nn.Linear` projections, logits equal to float32
+precision) unless it uses an option our GPT does not implement; then, like Llama, the transformers model
+itself is the target, wrapped in `HFCausalLM` so its forward returns the logits tensor and its module
+names stay the transformers ones (`model.layers.0.self_attn.q_proj`, `transformer.h.0.attn.c_attn` as a
+`Conv1D`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,13 +22,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_modules.common.compat import check_data_fits
+from lightning_modules.common.targets import embedding_rows, load_target_model
+
 from .toy_models import ResidMLP, TMSModel
 
 log = logging.getLogger(__name__)
 
 TOY_MODEL_TYPES = {"tms": TMSModel, "resid_mlp": ResidMLP}
 TOY_KEY = "spd_toy_target"
-HF_MODEL_TYPES = ("gpt2", "llama")  # config.json model_type of the transformers directories we load
+TOY_TARGET = "a toy target file (train one with configs/spd/*_target.yaml)"  # named in the loader's errors
 
 
 def build_toy_model(model_type: str, model_kwargs: dict[str, Any]) -> TMSModel | ResidMLP:
@@ -101,50 +104,9 @@ class HFCausalLM(nn.Module):
         return self.hf_model.get_input_embeddings()
 
 
-def hf_model_type(source: Path) -> str:
-    """config.json's model_type of a transformers directory; errors name the path and the valid types."""
-    config_path = source / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(
-            f"target {str(source)!r} is a directory without config.json; give a transformers GPT-2 or Llama "
-            "directory (save_pretrained), a toy target file or a Lightning .ckpt"
-        )
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ValueError(f"target {str(source)!r}: config.json could not be read ({err})") from err
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type not in HF_MODEL_TYPES:
-        raise ValueError(
-            f"target {str(source)!r} is a transformers model of model_type {model_type!r}; supported model "
-            f"types: {list(HF_MODEL_TYPES)} (causal LMs saved with save_pretrained)"
-        )
-    return model_type
-
-
-def load_hf_target(source: Path) -> nn.Module:
-    """A local transformers GPT-2 / Llama directory as a float32 target (see the module docstring)."""
-    model_type = hf_model_type(source)
-    from transformers import AutoModelForCausalLM
-
-    try:
-        hf_model, info = AutoModelForCausalLM.from_pretrained(
-            source, local_files_only=True, dtype=torch.float32, output_loading_info=True
-        )
-    except Exception as err:  # missing / corrupt weights, a config transformers rejects
-        first = (str(err).splitlines() or [""])[0]
-        raise ValueError(
-            f"target {str(source)!r}: the transformers {model_type} model could not be loaded "
-            f"({type(err).__name__}: {first})"
-        ) from err
-    missing = [k for k in info.get("missing_keys", ()) if not k.endswith((".attn.bias", ".masked_bias"))]
-    if missing:  # transformers would have initialised these randomly
-        raise ValueError(
-            f"target {str(source)!r}: the weights lack {sorted(missing)[:5]}; is it a "
-            f"{model_type} causal LM (with its LM head) saved with save_pretrained?"
-        )
-    hf_model.eval()
-    if model_type == "gpt2":
+def hf_target(hf_model: nn.Module, source: Path) -> nn.Module:
+    """A loaded transformers model as SPD's target: our GPT for a GPT-2 it can represent, else HFCausalLM."""
+    if hf_model.config.model_type == "gpt2":
         from lightning_modules.gpt.hf import config_from_hf, gpt_from_hf
 
         try:
@@ -156,22 +118,26 @@ def load_hf_target(source: Path) -> nn.Module:
     return HFCausalLM(hf_model).eval()
 
 
-def load_target(path: str) -> nn.Module:
-    """The target model at `path` (see the module docstring); clear errors naming the path."""
-    source = Path(path).expanduser()
-    if source.is_dir():
-        return load_hf_target(source)
-    if not source.is_file():
-        raise FileNotFoundError(
-            f"target {str(source)!r} does not exist; train one first (e.g. configs/spd/*_target.yaml) or "
-            "give a GPT .ckpt / transformers GPT-2 or Llama directory"
-        )
+def _read_checkpoint(source: Path) -> dict[str, Any]:
+    """The dict in a checkpoint file; ValueError unless it is a toy target or one of our GPT checkpoints."""
     try:
         payload = torch.load(source, map_location="cpu", weights_only=False)
     except Exception as err:  # corrupt / truncated / not a torch file
         raise ValueError(f"target {str(source)!r} could not be loaded ({type(err).__name__}: {err})") from err
     if not isinstance(payload, dict):
         raise ValueError(f"target {str(source)!r} holds a {type(payload).__name__}, not a checkpoint dict")
+    if TOY_KEY not in payload and "gpt_architecture" not in payload:
+        raise ValueError(
+            f"target {str(source)!r} is neither a toy target (no {TOY_KEY!r} entry) nor a GPT checkpoint of "
+            f"this project (no 'gpt_architecture'); keys: {sorted(payload)[:10]}"
+        )
+    return payload
+
+
+def load_target(path: str) -> nn.Module:
+    """The target model at `path` (see the module docstring); clear errors naming the path."""
+    source = Path(path).expanduser()
+    payload = _read_checkpoint(source) if source.is_file() else {}
     if TOY_KEY in payload:
         info = payload[TOY_KEY]
         model = build_toy_model(info["model_type"], info["model_kwargs"])
@@ -181,14 +147,8 @@ def load_target(path: str) -> nn.Module:
         except RuntimeError as err:
             raise ValueError(f"target {str(source)!r}: weights do not fit its model: {err}") from err
         return model
-    if "gpt_architecture" in payload:
-        from lightning_modules.gpt.checkpoint import load_gpt_weights
-
-        return load_gpt_weights(str(source))
-    raise ValueError(
-        f"target {str(source)!r} is neither a toy target (no {TOY_KEY!r} entry) nor a GPT checkpoint of "
-        f"this project (no 'gpt_architecture'); keys: {sorted(payload)[:10]}"
-    )
+    model, family = load_target_model(source, dtype=torch.float32, also=(TOY_TARGET,))
+    return model if family == "gpt" else hf_target(model, source)
 
 
 def random_gpt(fields: dict[str, Any], vocab_size: int | None) -> nn.Module:
@@ -215,21 +175,8 @@ def check_target_data(
         raise ValueError(
             f"data.n_features={n_features} but the target {path!r} has {target.n_features} features"
         )
-    if not is_toy and vocab_size is None:
+    if is_toy:
+        return
+    if vocab_size is None:
         raise ValueError(f"LM target {path!r} needs token data (vocab_size is None: use TextDataModule)")
-    rows = embedded_tokens(target)
-    if rows is not None and vocab_size is not None and vocab_size > rows:
-        raise ValueError(f"the data has {vocab_size} tokens but the target {path!r} embeds only {rows}")
-
-
-def embedded_tokens(target: nn.Module) -> int | None:
-    """Rows of an LM target's token embedding: our GPT's padded_vocab_size, a transformers config's
-    vocab_size, else the input embedding's size; None for toys."""
-    config = getattr(target, "config", None)
-    for attr in ("padded_vocab_size", "vocab_size"):
-        rows = getattr(config, attr, None)
-        if isinstance(rows, int):
-            return rows
-    get_embeddings = getattr(target, "get_input_embeddings", None)
-    embedding = get_embeddings() if callable(get_embeddings) else None
-    return embedding.num_embeddings if isinstance(embedding, nn.Embedding) else None
+    check_data_fits(f"the target {path!r}", vocab_size=vocab_size, embed_rows=embedding_rows(target))

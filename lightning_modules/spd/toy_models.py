@@ -1,4 +1,8 @@
-"""Toy targets for SPD: TMS (toy model of superposition) and ResidMLP, plus their sparse data and a trainer."""
+"""Toy targets for SPD: TMS (toy model of superposition) and ResidMLP, plus a trainer on sparse feature data.
+
+The data comes from `datamodules.sparse_features`, imported inside the functions that need it so this
+module stays importable without Lightning.
+"""
 
 from __future__ import annotations
 
@@ -145,21 +149,6 @@ class ResidMLP(nn.Module):
         return x + act(self.label_coeffs * x)
 
 
-def sparse_feature_batch(
-    batch: int,
-    n_features: int,
-    feature_prob: float,
-    generator: torch.Generator | None = None,
-    device: torch.device | str = "cpu",
-    value_range: tuple[float, float] = (0.0, 1.0),
-) -> Tensor:
-    """(batch, n_features): each feature on independently w.p. feature_prob with value U[value_range]."""
-    lo, hi = value_range
-    values = torch.rand(batch, n_features, generator=generator, device=device) * (hi - lo) + lo
-    on = torch.rand(batch, n_features, generator=generator, device=device) < feature_prob
-    return torch.where(on, values, torch.zeros_like(values))
-
-
 def train_toy_model(
     model: TMSModel | ResidMLP,
     steps: int = 10_000,
@@ -170,6 +159,8 @@ def train_toy_model(
     seed: int = 0,
 ) -> list[float]:
     """Plain AdamW loop on MSE(model(x), model.labels(x)) with sparse features; returns per-step losses."""
+    from datamodules.sparse_features import sparse_feature_batch  # here: datamodules imports Lightning
+
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -190,6 +181,8 @@ def check_tms_target(
     model: TMSModel, feature_prob: float = 0.05, n_eval: int = 20_000, seed: int = 1234
 ) -> dict[str, object]:
     """Checks a trained TMS target: all |W_j| > 0.9, diag of model(0.75 I) within 0.1 of 0.75, MSE < 0.003."""
+    from datamodules.sparse_features import sparse_feature_batch  # here: datamodules imports Lightning
+
     device = model.linear1.weight.device
     norms = model.linear1.weight.norm(dim=0)  # (n_features,) column norms of W (n_hidden, n_features)
     diag = model(0.75 * torch.eye(model.n_features, device=device)).diagonal()  # (n_features,)

@@ -19,18 +19,17 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_only
 
-from lightning_modules.common.optim import build_optimizer, warmup_cosine_lambda
-from lightning_modules.common.paths import run_dir
+from callbacks.paths import run_dir
+from datamodules.sparse_features import sparse_feature_batch
+from lightning_modules.common.optim import adamw, check_schedule_args, configure_optimizer
 
 from .targets import TOY_KEY, build_toy_model, save_toy_target
-from .toy_models import TMSModel, check_tms_target, sparse_feature_batch
+from .toy_models import TMSModel, check_tms_target
 
 log = logging.getLogger(__name__)
 
 
-def _toy_adamw(params: Any) -> torch.optim.Optimizer:
-    """The reference's toy-target optimizer: AdamW lr 5e-3, weight decay 0.01."""
-    return torch.optim.AdamW(params, lr=5e-3, weight_decay=0.01)
+TOY_ADAMW = adamw(lr=5e-3, weight_decay=0.01, betas=(0.9, 0.999), module=__name__)  # the default optimizer
 
 
 class ToyTargetLightningModule(pl.LightningModule):
@@ -39,8 +38,10 @@ class ToyTargetLightningModule(pl.LightningModule):
     Args:
         model_type: "tms" or "resid_mlp". model_kwargs: that class's constructor arguments.
         vocab_size: linked from the data by train.py; must be None (sparse features are not tokens).
-        optimizer: OptimizerCallable (default AdamW lr 5e-3, wd 0.01, applied to every parameter).
-        warmup_steps / min_lr_ratio: linear warmup then cosine to min_lr_ratio (1.0 = constant LR).
+        optimizer: OptimizerCallable (default AdamW lr 5e-3, wd 0.01, betas (0.9, 0.999)), one parameter
+            group: weight decay applies to every parameter.
+        warmup_steps / lr_decay_steps / min_lr_ratio: linear warmup, then cosine to min_lr_ratio of the peak
+            at lr_decay_steps (None: the end of the run; min_lr_ratio 1.0 = constant LR).
         save_path: where to write the target file at the end of fit (None: only `<log_dir>/target.pt`).
         n_eval: examples for the final MSE / TMS checks.
         cpu_threads: torch.set_num_threads for CPU runs (None: leave it); toys run fastest on 1 thread.
@@ -51,8 +52,9 @@ class ToyTargetLightningModule(pl.LightningModule):
         model_type: Literal["tms", "resid_mlp"] = "tms",
         model_kwargs: dict[str, Any] | None = None,
         vocab_size: int | None = None,
-        optimizer: OptimizerCallable = _toy_adamw,
+        optimizer: OptimizerCallable = TOY_ADAMW,
         warmup_steps: int = 0,
+        lr_decay_steps: int | None = None,
         min_lr_ratio: float = 1.0,
         save_path: str | None = None,
         n_eval: int = 20_000,
@@ -61,6 +63,7 @@ class ToyTargetLightningModule(pl.LightningModule):
         super().__init__()
         if vocab_size is not None:
             raise ValueError(f"toy targets take sparse feature data, not tokens (vocab_size={vocab_size})")
+        check_schedule_args(warmup_steps, lr_decay_steps, min_lr_ratio)
         self.save_hyperparameters(ignore=["optimizer"])
         self.model_kwargs = dict(model_kwargs or {"n_features": 5, "n_hidden": 2})
         self.model = build_toy_model(model_type, self.model_kwargs)
@@ -91,14 +94,11 @@ class ToyTargetLightningModule(pl.LightningModule):
         self.log("val/loss", F.mse_loss(self.model(batch), self.model.labels(batch)), prog_bar=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(self.optimizer_factory, [{"params": params}], self.device.type == "cuda")
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(self.hparams.warmup_steps, total - 1)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine_lambda(warmup, total, self.hparams.min_lr_ratio)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        hp = self.hparams
+        return configure_optimizer(
+            self, self.optimizer_factory, self.model.named_parameters(), hp.warmup_steps, hp.min_lr_ratio,
+            hp.lr_decay_steps, decay_groups=False,
+        )  # fmt: skip
 
     @torch.no_grad()
     def evaluate(self, feature_prob: float, seed: int = 1234) -> dict[str, Any]:

@@ -24,7 +24,8 @@ class PoisonGradients(pl.Callback):
 
 class RecordTraining(pl.Callback):
     """Write {step: loss}, {step: weight checksum after the step} and {step: checkpoint files present} to
-    <out_dir>/rank<r>.json."""
+    <out_dir>/rank<r>.json, and every parameter tensor at the start and end of fit to
+    <out_dir>/rank<r>_params_{start,end}.pt."""
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = Path(out_dir)
@@ -41,6 +42,17 @@ class RecordTraining(pl.Callback):
         dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
         self.checkpoints[step] = sorted(os.listdir(dirpath)) if dirpath and os.path.isdir(dirpath) else []
         self._write(trainer)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save_params(trainer, pl_module, "start")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save_params(trainer, pl_module, "end")
+
+    def _save_params(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        params = {name: p.detach().cpu().clone() for name, p in pl_module.named_parameters()}
+        torch.save(params, self.out_dir / f"rank{trainer.global_rank}_params_{when}.pt")
 
     def _write(self, trainer: pl.Trainer) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -67,6 +79,11 @@ def read_record(out_dir: Path, rank: int = 0) -> dict:
     data["checksums"] = {int(k): v for k, v in data["checksums"].items()}
     data["checkpoints"] = {int(k): v for k, v in data.get("checkpoints", {}).items()}
     return data
+
+
+def read_params(out_dir: Path, rank: int = 0, when: str = "end") -> dict[str, torch.Tensor]:
+    """The parameters {name: tensor} one rank held at the "start" or "end" of fit (from RecordTraining)."""
+    return torch.load(Path(out_dir) / f"rank{rank}_params_{when}.pt", weights_only=True)
 
 
 def record_yaml(run_dir: Path) -> Path:

@@ -1,0 +1,520 @@
+"""Regenerate the results tables in README.md and docs/*.md from the committed benchmarks/results/*.json.
+
+A table lives between two marker lines; NAME is a results file's stem (benchmarks/results/NAME.json) whose
+kind (the stem's leading part: gpt_speed, spd_speed, npt_component, npt_layer, checkpoint_stall, main_job,
+tokenize_speed) has a renderer here:
+
+    <!-- results:begin gpt_speed_tiny_cpu -->
+    (generated: the table and the line saying what it was measured on)
+    <!-- results:end gpt_speed_tiny_cpu -->
+
+    python -m benchmarks.report            # rewrite every marked table
+    python -m benchmarks.report --check    # exit 1 naming each table that differs or has no JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # python benchmarks/report.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.results import REPO_ROOT, RESULTS_DIR  # noqa: E402
+
+BEGIN = re.compile(r"^\s*<!-- results:begin (?P<name>\S+) -->\s*$")
+END = re.compile(r"^\s*<!-- results:end (?P<name>\S+) -->\s*$")
+REQUIRED_META = ("commit", "date", "cpu", "cores", "torch", "command", "load_before", "load_after")
+
+Payload = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------------------------- formatting
+def _num(x: float | None, spec: str = ".2f", missing: str = "-") -> str:
+    return missing if x is None else format(x, spec)
+
+
+def _ratio(x: float | None, spec: str = ".2f") -> str:
+    return "-" if x is None else f"{x:{spec}}x"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs} s"
+
+
+def _count(n: int) -> str:
+    """1,352,448 -> '1.35M'; 87,552 -> '87.6k'."""
+    if n >= 1e6:
+        return f"{n / 1e6:.2f}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f}k"
+    return str(n)
+
+
+def _table(header: list[str], align: list[str], rows: Iterable[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def provenance(meta: dict[str, Any]) -> str:
+    """One line: commit, date, machine, versions, load average before/after and the exact command."""
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"the results' meta lacks {missing} (benchmarks.results.run_metadata writes them)")
+    commit = (meta["commit"] or "unknown")[:7] + (" with uncommitted changes" if meta.get("dirty") else "")
+    device = f"{meta['cpu']}, {meta['cores']} cores" + (f", {meta['gpu']}" if meta.get("gpu") else "")
+    before, after = meta["load_before"], meta["load_after"]
+    load = (
+        f"load average {before[0]:.2f} before, {after[0]:.2f} after (1 min)"
+        if before and after
+        else "load average not available"
+    )
+    return (
+        f"Measured at commit `{commit}` on {meta['date'][:10]}: {device}, torch {meta['torch']}; {load}; "
+        f"`{meta['command']}`."
+    )
+
+
+# ----------------------------------------------------------------------------------------------- renderers
+def render_main_job(payload: Payload) -> list[str]:
+    """The README's main-job table: wall time, throughput, validation losses and the two baselines."""
+    r = payload["results"]
+    data, params, vals = r["data"], r["parameters"], r["validations"]
+    steps = " / ".join(str(v["step"]) for v in vals) or "(none ran)"
+    losses = [f"{v['val_loss']:.2f}" for v in vals]
+    if losses:
+        losses[-1] = f"**{losses[-1]}**"
+    final = f" nats (ppl {vals[-1]['val_ppl']:.0f})" if vals else "-"
+    first_run = (
+        "first run: tokenizer training and tokenising included" if r.get("fresh_workdir") else "reused cache"
+    )
+    rows = [
+        [f"wall time, command to exit ({first_run})", _duration(r["wall_s"])],
+        [
+            f"training throughput (median step {r['median_step_s']:.3f} s, {r['tokens_per_step']:,} tokens"
+            + ("" if r.get("step_time_without_validation", True) else "; validations included")
+            + ")",
+            f"{r['tokens_per_s']:,.0f} tokens/s",
+        ],
+        [
+            f"validation loss after steps {steps}",
+            " / ".join(losses) + final,
+        ],
+        [
+            "unigram entropy of the validation tokens (a model ignoring context)",
+            f"{data['unigram_entropy_val']:.2f} nats (ppl {math.exp(data['unigram_entropy_val']):.0f})",
+        ],
+        [f"loss of a uniform guess, ln {data['vocab_size']}", f"{data['ln_vocab']:.2f} nats"],
+        [
+            "parameters (tied embedding counted once)",
+            f"{params['total']:,} ({params['embedding']:,} of them the embedding)",
+        ],
+        [
+            "data",
+            f"{_count(data['train_tokens'])} training tokens, "
+            f"{_count(data['val_tokens'])} validation tokens, "
+            f"{r['max_steps']} steps of {r['tokens_per_step']:,} tokens",
+        ],
+    ]
+    return _table(["", "value"], ["---", "---"], rows)
+
+
+def render_gpt_speed(payload: Payload) -> list[str]:
+    """Lightning vs plain loop, ours vs transformers, then every switch against the GPT-2 baseline."""
+    r = payload["results"]
+    setup, size, args = r["setup"], r["size"], r["args"]
+    lp, hf = r["lightning_vs_plain"], r["ours_vs_hf"]
+
+    def spread(values: list[float]) -> str:
+        return f"{min(values):.2f}-{max(values):.2f} ({len(values)})"
+
+    lines = [
+        f"Model {args['size']} ({size['n_layer']} layers, {size['n_embd']} wide, vocab {size['vocab_size']}, "
+        f"batch {size['batch']} x {size['block_size']}), {setup['precision']} on {setup['device_type']} "
+        f"({setup['threads']} threads); medians of {args['rounds']} interleaved rounds of {args['steps']} "
+        f"steps ({args['warmup']} warm-up steps left out); val loss after {args['quality_steps']} steps on "
+        f"the embedded corpus, over {args['val_batches']} batches.",
+        "",
+    ]
+    lines += _table(
+        ["comparison", "tokens/s ratio", "rounds: range (n)", "notes"],
+        ["---", "---:", "---:", "---"],
+        [
+            [
+                "`GPTLightningModule` + Trainer vs plain PyTorch loop",
+                f"{lp['tokens_per_s_ratio_median']:.3f}",
+                spread(lp["ratios"]),
+                f"first 5 losses equal to {lp['max_abs_loss_diff_first5']:.1e}",
+            ],
+            [
+                "our GPT vs `transformers` GPT2LMHeadModel",
+                f"{hf['tokens_per_s_ratio_median']:.3f}",
+                spread(hf["ratios"]),
+                "same weights and optimiser",
+            ],
+        ],
+    )
+    rows = r["switches"]
+    show_mfu = any(row.get("mfu") for row in rows.values())
+    mem = "train MiB" if setup["device_type"] == "cpu" else "peak MiB"
+    header = ["variant", "switches", "tokens/s", "vs baseline", "model TFLOP/s"]
+    header += (["MFU"] if show_mfu else []) + [mem, "memory vs baseline", "val loss", "claim (GPU)"]
+    body = []
+    for name, row in rows.items():
+        switches = ", ".join(f"`{k}={v}`" for k, v in row.get("switches", {}).items())
+        cells = [name, switches, f"{row['tokens_per_s']:.0f}", _ratio(row["speedup_vs_baseline"])]
+        cells.append(f"{row['model_tflops_per_s']:.3f}")
+        if show_mfu:
+            cells.append("-" if row.get("mfu") is None else f"{100 * row['mfu']:.1f}%")
+        cells += [
+            _num(row["peak_memory_mb"], ".0f"),
+            _num(row["memory_vs_baseline"]),
+            _num(row["val_loss"], ".3f"),
+            row.get("claim", ""),
+        ]
+        body.append(cells)
+    lines += [""] + _table(header, ["---", "---"] + ["---:"] * (len(header) - 3) + ["---"], body)
+    return lines
+
+
+SPD_IMPLS = {"naive": "naive", "ours": "ours", "ours_compile": "ours + compile"}
+
+
+def render_spd_speed(payload: Payload) -> list[str]:
+    """Naive vs ours (vs ours compiled) SPD training step, per config."""
+    r = payload["results"]
+    configs = r["configs"]
+    impls = [i for i in SPD_IMPLS if any(i in row for row in configs.values())]
+    header = ["config"] + [f"{SPD_IMPLS[i]} ms" for i in impls]
+    header += ["peak MiB " + " / ".join(SPD_IMPLS[i] for i in impls), "losses agree (max rel. diff)"]
+    body = []
+    for name, row in configs.items():
+        naive = row["naive"]["step_ms"]
+        cells = [name]
+        for impl in impls:
+            ms = row[impl]["step_ms"]
+            cells.append(f"{ms:.1f}" if impl == "naive" else f"{ms:.1f} ({naive / ms:.2f}x)")
+        cells.append(" / ".join(f"{row[i]['peak_mib']:.0f}" for i in impls))
+        cells.append(f"{max(row['loss_rel_diff'].values()):.1e}")
+        body.append(cells)
+    head = (
+        f"Training step (forward + backward + AdamW) on {r['device']}, {r['threads']} thread(s): median of "
+        f"{r['steps']} steps per process, median over {r['rounds']} interleaved rounds, each (config, "
+        "implementation) in its own process; speed-up against naive in brackets."
+    )
+    return [head, ""] + _table(header, ["---"] + ["---:"] * (len(header) - 1), body)
+
+
+NPT_COMPONENT_LABELS = {
+    "dense": "dense layer `u W^T`",
+    "loop": "per-component loop (the reference's form)",
+    "batched": "batched einsum (all v_a, v_b formed)",
+    "factored": "**factored (ours)**",
+    "materialised": "materialised ΔW",
+}
+
+
+def render_npt_component(payload: Payload) -> list[str]:
+    """Forward and forward+backward of the modulated projection, four ways against the dense one."""
+    r = payload["results"]
+    fac = r["variants"]["factored"]
+    cuda = r["device"].startswith("cuda")
+    header = ["variant", "forward ms", "fwd+bwd ms", "fwd vs factored", "fwd+bwd vs factored"]
+    header += (["peak fwd MiB", "peak fwd+bwd MiB"] if cuda else []) + ["rel. error vs factored"]
+    body = []
+    for name, row in r["variants"].items():
+        bwd = row["fwd_bwd_ms"]
+        cells = [NPT_COMPONENT_LABELS.get(name, name), f"{row['fwd_ms']:.2f}", _num(bwd)]
+        cells += [
+            _ratio(row["fwd_ms"] / fac["fwd_ms"]),
+            _ratio(None if bwd is None else bwd / fac["fwd_bwd_ms"]),
+        ]
+        if cuda:
+            cells += [_num(row["fwd_peak_mib"], ".0f"), _num(row["fwd_bwd_peak_mib"], ".0f")]
+        cells.append("-" if name == "dense" else f"{row['rel_err_vs_factored']:.1e}")
+        body.append(cells)
+    for name, why in r.get("skipped", {}).items():
+        body.append([NPT_COMPONENT_LABELS.get(name, name), f"skipped: {why}"] + [""] * (len(header) - 2))
+    head = (
+        f"Shape {r['shape']}: d {r['d']}, f {r['f']}, k {r['k']}, r {r['r']}, batch {r['batch']} x "
+        f"{r['seq']}; {r['dtype']} on {r['device']}, {r['threads']} thread(s); medians of {r['repeats']} "
+        f"interleaved rounds; NP parameters {r['np_param_mib']:.1f} MiB."
+    )
+    lines = [head, ""] + _table(header, ["---"] + ["---:"] * (len(header) - 1), body)
+    init = [
+        f"- building the k components at the {shape} shape: "
+        f"{t['vectorised'] * 1e3:.0f} ms vectorised (ours), "
+        f"~{t['per_component_orthogonal_est'] * 1e3:.0f} ms per-component orthogonal (QR, extrapolated)"
+        for shape, t in r["init_s"].items()
+    ]
+    return lines + [""] + init
+
+
+NPT_LAYER_LABELS = {
+    "original": "original (forward)",
+    "original_bwd_input": "original, backward to the input (frozen)",
+    "original_finetune": "original, full fine-tune of the layer",
+    "npt": "NPT (forward)",
+    "npt_teacher_forced": "NPT fwd+bwd, teacher-forced",
+    "npt_free_running": "NPT fwd+bwd, free-running",
+}
+
+
+def render_npt_layer(payload: Payload) -> list[str]:
+    """A converted Llama decoder layer against the dense one, forward and backward."""
+    r = payload["results"]
+    base = r["variants"]["original"]["ms"]
+    cuda = r["device"].startswith("cuda")
+    header = ["variant", "ms", "vs original forward"] + (["peak MiB"] if cuda else [])
+    body = []
+    for name, row in r["variants"].items():
+        cells = [NPT_LAYER_LABELS.get(name, name), f"{row['ms']:.2f}", _ratio(row["ms"] / base)]
+        body.append(cells + ([_num(row["peak_mib"], ".0f")] if cuda else []))
+    head = (
+        f"Shape {r['shape']}: d {r['d']}, f {r['f']}, heads {r['heads']}/{r['kv_heads']}, k {r['k']}, "
+        f"r {r['r']}, batch {r['batch']} x {r['seq']}; NP mode {r['np_mode']}; "
+        f"{r['dtype']} on {r['device']}, "
+        f"{r['threads']} thread(s); medians of {r['repeats']} interleaved rounds; NP parameters "
+        f"{r['np_params'] / 1e6:.2f}M against the layer's {r['layer_params'] / 1e6:.2f}M."
+    )
+    return [head, ""] + _table(header, ["---"] + ["---:"] * (len(header) - 1), body)
+
+
+def render_checkpoint_stall(payload: Payload) -> list[str]:
+    """The training stall per save under a Trainer, then one write's cost per writer and filesystem."""
+    r = payload["results"]
+    args, stall = r["args"], r["stall"]
+    ckpt_mb = next(iter(stall.values()))["ckpt_mb"]
+    lines = [
+        f"Stall per save: a GPT with {args['n_layer']} layers, {args['n_embd']} wide, vocab {args['vocab']} "
+        f"({ckpt_mb:.0f} MiB checkpoints with AdamW state), a save every {args['every']} of {args['steps']} "
+        f"steps, medians of {args['rounds']} interleaved rounds; checkpoints in {r['stall_dir']} "
+        f"({r['stall_filesystem']['type']}).",
+        "",
+    ]
+    lines += _table(
+        [
+            "checkpoint IO",
+            "stall per save",
+            "vs Lightning's sync",
+            "step with a save",
+            "plain step",
+            "file MiB",
+        ],
+        ["---", "---:", "---:", "---:", "---:", "---:"],
+        [
+            [
+                name,
+                f"{row['stall_s'] * 1e3:.0f} ms",
+                _ratio(row["stall_vs_lightning_sync"]),
+                f"{row['save_step_s'] * 1e3:.0f} ms",
+                f"{row['plain_step_s'] * 1e3:.0f} ms",
+                f"{row['ckpt_mb']:.1f}",
+            ]
+            for name, row in stall.items()
+        ],
+    )
+    for directory, w in r["writes"].items():
+        tmp = "the same filesystem" if w["tmpdir_same_filesystem"] else "another filesystem"
+        fs = w["filesystem"]
+        fs_name = fs["type"] if fs["device"] == fs["type"] else f"{fs['type']} on {fs['device']}"
+        lines += [
+            "",
+            f"One save of the same checkpoint ({w['ckpt_mb']:.0f} MiB) in {directory} ({fs_name}; $TMPDIR "
+            f"{w['tmpdir']} is {tmp}), medians of {w['repeats']} interleaved saves; peak RSS growth is the "
+            "resident memory the save adds:",
+            "",
+        ]
+        lines += _table(
+            ["writer", "ms per save", "peak RSS growth MiB"],
+            ["---", "---:", "---:"],
+            [
+                [name, f"{row['save_s'] * 1e3:.1f}", f"{row['peak_rss_growth_mib']:.0f}"]
+                for name, row in w["writers"].items()
+            ],
+        )
+        s = w["atomic_steps"]
+        lines += [
+            "",
+            f"Ours step by step: serialise + write {s['write_s'] * 1e3:.1f} ms, fsync of the file "
+            f"{s['fsync_s'] * 1e3:.1f} ms, rename {s['rename_s'] * 1e3:.2f} ms, fsync of the directory "
+            f"{s['dir_fsync_s'] * 1e3:.2f} ms.",
+        ]
+    return lines
+
+
+def render_tokenize_speed(payload: Payload) -> list[str]:
+    """datamodules.prepare with N worker processes against a single-process tokenising loop."""
+    r = payload["results"]
+    corpus, first = r["corpus"], r["first_prepare"]
+    head = (
+        f"{corpus['chars']:,} characters ({corpus['files']} files of {corpus['source']}), a byte-level BPE of "
+        f"{r['tokenizer']['vocab_size']} tokens, {r['cpu_count']} CPU cores; medians of {r['rounds']} interleaved "
+        "rounds. CPU s: user + system time of every process of the variant."
+    )
+    header = ["variant", "tokens", "tokens/s", "vs loop", f"vs {first}", "CPU s", "tokens per CPU s"]
+    body = []
+    for name, row in r["variants"].items():
+        label = "single-process loop" if name == "loop" else f"`prepare`, num_proc={row['processes']}"
+        body.append(
+            [
+                label,
+                f"{row['tokens']:,}",
+                f"{row['tokens_per_s']:,.0f}",
+                _ratio(row["vs_loop"]),
+                _ratio(row["vs_first_prepare"]),
+                f"{row['cpu_s']:.2f}",
+                f"{row['tokens_per_cpu_s']:,.0f}",
+            ]
+        )
+    return [head, ""] + _table(header, ["---"] + ["---:"] * (len(header) - 1), body)
+
+
+RENDERERS: dict[str, Callable[[Payload], list[str]]] = {
+    "main_job": render_main_job,
+    "gpt_speed": render_gpt_speed,
+    "spd_speed": render_spd_speed,
+    "npt_component": render_npt_component,
+    "npt_layer": render_npt_layer,
+    "checkpoint_stall": render_checkpoint_stall,
+    "tokenize_speed": render_tokenize_speed,
+}
+
+
+# ----------------------------------------------------------------------------------------------- markers
+def _shown(path: Path) -> str:
+    """A path as printed: relative to the repository when inside it."""
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def kind_of(name: str) -> str | None:
+    """The renderer kind of a table name: the longest known kind that is the name or its prefix + '_'."""
+    kinds = [k for k in RENDERERS if name == k or name.startswith(k + "_")]
+    return max(kinds, key=len) if kinds else None
+
+
+def known_tables(results_dir: Path = RESULTS_DIR) -> list[str]:
+    """The table names the committed results offer: stems of results files with a known kind."""
+    return sorted(p.stem for p in results_dir.glob("*.json") if kind_of(p.stem))
+
+
+def render(name: str, results_dir: Path = RESULTS_DIR) -> str:
+    """The generated markdown for one table: the renderer's lines, then the provenance line."""
+    kind = kind_of(name)
+    path = results_dir / f"{name}.json"
+    if kind is None:
+        raise KeyError(f"table {name!r}: no renderer for it (kinds: {sorted(RENDERERS)})")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"table {name!r} has no {_shown(path)} (tables with results: {known_tables(results_dir)})"
+        )
+    payload = json.loads(path.read_text())
+    return "\n".join([*RENDERERS[kind](payload), "", provenance(payload["meta"])])
+
+
+@dataclass
+class Block:
+    """One marked table: its name and the 0-based line indices of its begin and end markers."""
+
+    name: str
+    begin: int
+    end: int
+
+
+def find_blocks(lines: list[str], where: str) -> tuple[list[Block], list[str]]:
+    """The marked tables of a file's lines, and the problems with its markers (unclosed, stray, nested)."""
+    blocks, problems = [], []
+    open_name, open_at = None, -1
+    for i, line in enumerate(lines):
+        if m := BEGIN.match(line):
+            if open_name is not None:
+                problems.append(f"{where}:{open_at + 1}: results:begin {open_name} has no results:end")
+            open_name, open_at = m["name"], i
+        elif m := END.match(line):
+            if open_name != m["name"]:
+                problems.append(f"{where}:{i + 1}: results:end {m['name']} without a matching results:begin")
+            else:
+                blocks.append(Block(open_name, open_at, i))
+            open_name = None
+    if open_name is not None:
+        problems.append(f"{where}:{open_at + 1}: results:begin {open_name} has no results:end")
+    return blocks, problems
+
+
+def regenerate(text: str, where: str, results_dir: Path = RESULTS_DIR) -> tuple[str, list[str], list[str]]:
+    """(text with every marked table regenerated, problems, names of the tables whose text changed)."""
+    lines = text.split("\n")
+    blocks, problems = find_blocks(lines, where)
+    out, stale, last = [], [], 0
+    for block in blocks:
+        out += lines[last : block.begin + 1]
+        current = lines[block.begin + 1 : block.end]
+        try:
+            generated = ["", *render(block.name, results_dir).split("\n"), ""]
+        except (KeyError, FileNotFoundError, ValueError) as err:
+            problems.append(f"{where}:{block.begin + 1}: {err.args[0] if err.args else err}")
+            generated = current
+        if generated != current:
+            stale.append(block.name)
+        out += generated
+        last = block.end
+    out += lines[last:]
+    return "\n".join(out), problems, stale
+
+
+def doc_files(root: Path = REPO_ROOT) -> list[Path]:
+    """README.md and docs/*.md: the files whose marked tables the report owns."""
+    return [p for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))] if p.is_file()]
+
+
+def process(files: list[Path], check: bool, results_dir: Path = RESULTS_DIR) -> list[str]:
+    """Check or rewrite `files`; returns the problems (in check mode, stale tables are problems too)."""
+    problems = []
+    for path in files:
+        where = _shown(path)
+        text = path.read_text()
+        new, file_problems, stale = regenerate(text, where, results_dir)
+        problems += file_problems
+        if check:
+            problems += [
+                f"{where}: table {name!r} differs from what {_shown(results_dir / f'{name}.json')} generates "
+                "(run python -m benchmarks.report)"
+                for name in stale
+            ]
+        elif new != text:
+            path.write_text(new)
+            print(f"{where}: regenerated {', '.join(stale)}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Rewrite (or with --check, verify) the marked tables; 1 when a problem was found."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="change nothing; fail on stale or missing tables"
+    )
+    parser.add_argument("files", nargs="*", type=Path, help="default: README.md and docs/*.md")
+    args = parser.parse_args(argv)
+    files = [p.resolve() for p in args.files] or doc_files()
+    problems = process(files, args.check)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if not problems:
+        print("tables up to date" if args.check else "done")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

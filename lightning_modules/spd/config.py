@@ -1,0 +1,195 @@
+"""SPDLightningModule's settings in small groups, each a dataclass that checks itself in `__post_init__`
+(choices are typed `str` and checked there, so a bad value's error names it and the valid ones).
+
+LightningCLI reads every group from YAML as a nested mapping (`model.init_args.objective.loss_coeffs`);
+the module stores them as plain dicts (`dataclasses.asdict`) so checkpoints load with
+`torch.load(weights_only=True)`, and a dict, as a checkpoint holds it, rebuilds the group.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .ci_functions import CI_FN_KINDS
+from .sigmoids import SIGMOIDS
+
+LOSS_NAMES = (
+    "faithfulness",
+    "stochastic_recon",
+    "stochastic_recon_layerwise",
+    "stochastic_recon_subset",
+    "importance_minimality",
+    "ci_masked_recon",
+    "unmasked_recon",
+    "pgd_recon",
+    "stochastic_hidden_acts_recon",
+)
+SAMPLINGS = ("continuous", "binomial")
+OUTPUT_LOSS_TYPES = ("mse", "kl")
+PGD_INITS = ("random", "ones", "zeros")
+PGD_MASK_SCOPES = ("unique_per_datapoint", "shared_across_batch")
+
+
+def check_loss_coeffs(loss_coeffs: dict[str, float]) -> dict[str, float]:
+    """Validated {name: coeff}: known names, finite coefficients >= 0, at least one > 0."""
+    unknown = sorted(set(loss_coeffs) - set(LOSS_NAMES))
+    if unknown:
+        raise ValueError(f"unknown loss name(s) {unknown} in loss_coeffs; valid names: {list(LOSS_NAMES)}")
+    out = {}
+    for name, coeff in loss_coeffs.items():
+        coeff = float(coeff)
+        if not math.isfinite(coeff) or coeff < 0:
+            raise ValueError(f"loss_coeffs[{name!r}]={coeff!r} must be a finite number >= 0")
+        out[name] = coeff
+    if not any(out.values()):
+        raise ValueError(f"loss_coeffs={loss_coeffs!r} has no positive coefficient")
+    return out
+
+
+@dataclass
+class ComponentConfig:
+    """What decomposes each module: the causal-importance functions and their sigmoid, and tied components."""
+
+    ci_fn_type: str = "mlp"  # one of ci_functions.CI_FN_KINDS
+    ci_fn_hidden_dims: list[int] = field(default_factory=lambda: [16])
+    sigmoid_type: str = "leaky_hard"  # a sigmoids.SIGMOIDS name; leaky_hard: lower / upper leaky
+    tied_components: dict[str, str] | None = None  # {dst: src}: dst's V, U share src's U^T, V^T
+
+    def __post_init__(self) -> None:
+        if self.ci_fn_type not in CI_FN_KINDS:
+            raise ValueError(f"ci_fn_type={self.ci_fn_type!r}; valid: {list(CI_FN_KINDS)}")
+        dims = list(self.ci_fn_hidden_dims)
+        if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
+            raise ValueError(
+                f"ci_fn_hidden_dims={self.ci_fn_hidden_dims!r} must be a non-empty list of ints >= 1"
+            )
+        self.ci_fn_hidden_dims = dims
+        if self.sigmoid_type not in SIGMOIDS:
+            raise ValueError(f"sigmoid_type={self.sigmoid_type!r}; valid: {sorted(SIGMOIDS)}")
+        for dst, src in (self.tied_components or {}).items():
+            if dst == src:
+                raise ValueError(f"tied_components ties {dst!r} to itself; give {{dst: src}} of two modules")
+
+
+@dataclass
+class PGDSettings:
+    """Adversarial-mask (pgd_recon) settings: sign-gradient ascent on mask sources in [0, 1]."""
+
+    n_steps: int = 1
+    step_size: float = 0.1
+    init: str = "random"  # the sources' start: random | ones | zeros
+    mask_scope: str = "unique_per_datapoint"  # or shared_across_batch (one source for all examples)
+
+    def __post_init__(self) -> None:
+        if self.n_steps < 0 or not self.step_size >= 0:
+            raise ValueError(
+                f"pgd needs n_steps >= 0 and step_size >= 0, got {self.n_steps}, {self.step_size}"
+            )
+        if self.init not in PGD_INITS:
+            raise ValueError(f"pgd init={self.init!r}; valid: {list(PGD_INITS)}")
+        if self.mask_scope not in PGD_MASK_SCOPES:
+            raise ValueError(f"pgd mask_scope={self.mask_scope!r}; valid: {list(PGD_MASK_SCOPES)}")
+
+
+@dataclass
+class ObjectiveConfig:
+    """The training objective: loss terms and coefficients, how masks are drawn, the importance-minimality
+    exponent's schedule (importance_p, annealed linearly to importance_p_end between the two fractions of
+    training; constant if importance_p_end is None) and the pgd_recon settings."""
+
+    loss_coeffs: dict[str, float] = field(
+        default_factory=lambda: {"stochastic_recon": 1.0, "importance_minimality": 1e-3}
+    )  # {name: coeff}, names in LOSS_NAMES
+    sampling: str = "continuous"  # masks m = ci + (1 - ci) r with r ~ U(0, 1) (or r in {0, 1}: binomial)
+    n_mask_samples: int = 1  # masks drawn per stochastic term
+    output_loss_type: str = "mse"  # mse (toys) or kl (LMs)
+    use_delta_component: bool = True  # add r (W_target - V U) in stochastic forwards
+    importance_p: float = 1.0
+    importance_p_end: float | None = None
+    p_anneal_start_frac: float = 1.0
+    p_anneal_end_frac: float = 1.0
+    pgd: PGDSettings = field(default_factory=PGDSettings)
+
+    def __post_init__(self) -> None:
+        self.loss_coeffs = check_loss_coeffs(self.loss_coeffs)
+        if isinstance(self.pgd, dict):
+            self.pgd = PGDSettings(**self.pgd)
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"unknown sampling {self.sampling!r}; valid: {list(SAMPLINGS)}")
+        if self.output_loss_type not in OUTPUT_LOSS_TYPES:
+            raise ValueError(
+                f"unknown output_loss_type {self.output_loss_type!r}; valid: {list(OUTPUT_LOSS_TYPES)}"
+            )
+        if self.n_mask_samples < 1:
+            raise ValueError(f"n_mask_samples must be >= 1, got {self.n_mask_samples}")
+        if self.importance_p <= 0 or (self.importance_p_end is not None and self.importance_p_end <= 0):
+            raise ValueError(
+                f"importance p must be > 0, got importance_p={self.importance_p}, "
+                f"importance_p_end={self.importance_p_end}"
+            )
+        if not 0.0 <= self.p_anneal_start_frac <= self.p_anneal_end_frac <= 1.0:
+            raise ValueError(
+                f"need 0 <= p_anneal_start_frac <= p_anneal_end_frac <= 1, got "
+                f"{self.p_anneal_start_frac}, {self.p_anneal_end_frac}"
+            )
+
+
+@dataclass
+class FaithfulnessWarmupConfig:
+    """V, U fitted to the target weights (faithfulness loss, own AdamW) before the first training step."""
+
+    steps: int = 0
+    lr: float = 1e-2
+    weight_decay: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"faithfulness_warmup.steps must be >= 0 (0 = no warm-up), got {self.steps}")
+        if not self.lr > 0 or not self.weight_decay >= 0:
+            raise ValueError(
+                f"faithfulness_warmup needs lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}"
+            )
+
+
+@dataclass
+class EvalConfig:
+    """Validation and the end-of-fit evaluation (spd_results.json)."""
+
+    ci_alive_threshold: float = 0.1  # a component is alive if its CI exceeds this on some input
+    identity_ci_patterns: list[str] | None = None  # toy modules whose CIs should be the identity (None: all)
+    final_eval_batches: int = 8  # validation batches of the end-of-fit evaluation
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ci_alive_threshold < 1.0:
+            raise ValueError(f"ci_alive_threshold must be in [0, 1), got {self.ci_alive_threshold}")
+        if self.final_eval_batches < 0:
+            raise ValueError(f"final_eval_batches must be >= 0, got {self.final_eval_batches}")
+
+
+GROUPS = {
+    "components": ComponentConfig,
+    "objective": ObjectiveConfig,
+    "faithfulness_warmup": FaithfulnessWarmupConfig,
+    "evaluation": EvalConfig,
+}
+
+
+def regroup_flat_hparams(flat: dict[str, Any]) -> dict[str, Any]:
+    """{group: {field: value}, ...} from the groups' fields given flat (`ci_fn_type`,
+    `faithfulness_warmup_steps`, ...; `lr_final_frac` is `min_lr_ratio`); None values keep the default."""
+    owner = {
+        f.name: group for group in ("components", "objective", "evaluation") for f in fields(GROUPS[group])
+    }
+    grouped: dict[str, Any] = {}
+    for key, value in flat.items():
+        name = key.removeprefix("faithfulness_warmup_")
+        group = "faithfulness_warmup" if name != key else owner.get(key)
+        if key == "lr_final_frac":
+            grouped["min_lr_ratio"] = value
+        elif group is None:
+            raise TypeError(f"SPDLightningModule got an unexpected argument {key!r}")
+        elif value is not None:
+            grouped.setdefault(group, {})[name] = value
+    return grouped

@@ -1,0 +1,179 @@
+"""The naive SPD reference: the same method as `lightning_modules.spd` without its optimisations.
+
+Hooks registered and removed on every forward, target weights re-read and copied on every use, einsum
+everywhere under plain autograd, KL through log_softmax with the target's recomputed every term, float32.
+It draws its random numbers in the order `SPDObjective` does, so with the same seed and batch both give
+the same losses and gradients (tests/test_spd_fast_vs_naive.py; benchmarks/spd_speed.py times both).
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from datamodules.sparse_features import sparse_feature_batch
+from lightning_modules.gpt.config import GPTConfig
+from lightning_modules.gpt.model import GPT
+from lightning_modules.spd import losses as L
+from lightning_modules.spd.ci_functions import MLPCiFn, SharedMLPCiFn, VectorMLPCiFn
+from lightning_modules.spd.component_model import ComponentModel
+from lightning_modules.spd.sigmoids import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
+from lightning_modules.spd.toy_models import TMSModel, train_toy_model
+
+# the terms NaiveSPD.losses computes, and the setups both implementations are compared (and timed) on
+COEFFS = {"importance_minimality": 3e-3, "stochastic_recon": 1.0, "stochastic_recon_layerwise": 1.0}
+CONFIGS: dict[str, dict[str, Any]] = {
+    "tms_5-2": dict(kind="tms", batch=4096, patterns={"linear1": 20, "linear2": 20}, ci="mlp", hidden=[16]),
+    "tiny_lm": dict(
+        kind="lm",
+        batch=8,
+        seq=64,
+        patterns={
+            "transformer.h.*.attn.c_attn": 96,
+            "transformer.h.*.attn.c_proj": 64,
+            "transformer.h.*.mlp.c_fc": 128,
+            "transformer.h.*.mlp.c_proj": 128,
+        },
+        ci="shared_mlp",
+        hidden=[128],
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- the naive implementation
+def naive_output_loss(pred: Tensor, target_out: Tensor, output_loss_type: str) -> Tensor:
+    """MSE, or KL through log_softmax of both sides, the target's recomputed on every call."""
+    if output_loss_type == "mse":
+        return (pred - target_out).pow(2).sum() / pred.numel()
+    log_p, log_q = torch.log_softmax(target_out.float(), -1), torch.log_softmax(pred.float(), -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+class NaiveSPD(nn.Module):
+    """The same SPD method without our optimisations (shares V, U and CI weights with `ours` at start)."""
+
+    def __init__(self, ours: ComponentModel) -> None:
+        super().__init__()
+        self.target = copy.deepcopy(ours.target_model)
+        for module in self.target.modules():
+            module._forward_hooks.clear()  # the copy carried our persistent hooks; the naive way adds its own
+        self.target.requires_grad_(False)
+        self._target_modules = dict(self.target.named_modules())
+        self.names = list(ours.module_names)
+        self.V = nn.ParameterDict(
+            {n.replace(".", "-"): nn.Parameter(ours.component(n).V.detach().clone()) for n in self.names}
+        )
+        self.U = nn.ParameterDict(
+            {n.replace(".", "-"): nn.Parameter(ours.component(n).U.detach().clone()) for n in self.names}
+        )
+        self.ci_fns = nn.ModuleDict({n.replace(".", "-"): copy.deepcopy(ours.ci_fn(n)) for n in self.names})
+
+    def vu(self, name: str) -> tuple[Tensor, Tensor]:
+        key = name.replace(".", "-")
+        return self.V[key], self.U[key]
+
+    def target_weight(self, name: str) -> Tensor:
+        """Re-read and copied on every call (no cache)."""
+        return self._target_modules[name].weight.detach().clone()
+
+    def run(
+        self,
+        x: Tensor,
+        masks: dict[str, Tensor] | None = None,
+        deltas: dict | None = None,
+        cache: bool = False,
+    ):
+        """Register a hook per module, run the target, remove the hooks."""
+        acts: dict[str, Tensor] = {}
+        masks, deltas = masks or {}, deltas or {}
+
+        def hook(module: nn.Module, args: tuple, output: Tensor, name: str) -> Tensor | None:
+            inp = args[0]
+            if cache:
+                acts[name] = inp
+            if name not in masks:
+                return None
+            V, U = self.vu(name)
+            out = ((inp @ V) * masks[name]) @ U
+            if name in deltas:
+                delta, r = deltas[name]
+                out = out + r.unsqueeze(-1) * (inp @ delta.t())
+            if module.bias is not None:
+                out = out + module.bias
+            return out
+
+        handles = [self._target_modules[n].register_forward_hook(partial(hook, name=n)) for n in self.names]
+        try:
+            out = self.target(x)
+        finally:
+            for h in handles:
+                h.remove()
+        return (out, acts) if cache else out
+
+    def ci(self, acts: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """CI functions evaluated with einsum in every layer."""
+        lower, upper = {}, {}
+        for name in self.names:
+            fn = self.ci_fns[name.replace(".", "-")]
+            V, _ = self.vu(name)
+            if isinstance(fn, MLPCiFn):
+                h = (acts[name] @ V).unsqueeze(-1) * fn.weights[0][:, 0, :] + fn.biases[0]
+            elif isinstance(fn, VectorMLPCiFn):
+                h = torch.einsum("...i,cio->...co", acts[name], fn.weights[0]) + fn.biases[0]
+            if isinstance(fn, SharedMLPCiFn):
+                s = fn.net(acts[name])
+            else:
+                for i in range(1, len(fn.weights)):
+                    h = torch.einsum("...ci,cio->...co", nn.functional.gelu(h), fn.weights[i]) + fn.biases[i]
+                s = h.squeeze(-1)
+            lower[name], upper[name] = lower_leaky_hard_sigmoid(s), upper_leaky_hard_sigmoid(s)
+        return lower, upper
+
+    def losses(self, x: Tensor, output_loss_type: str, p: float) -> dict[str, Tensor]:
+        """importance minimality + stochastic recon + layerwise, drawing randoms in our order."""
+        with torch.no_grad():
+            target_out, acts = self.run(x, cache=True)
+        ci, ci_upper = self.ci(acts)
+        deltas = {n: self.target_weight(n) - (self.vu(n)[0] @ self.vu(n)[1]).t() for n in self.names}
+        terms = {"importance_minimality": L.importance_minimality_loss(ci_upper, p)}
+
+        def draw() -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
+            masks = {
+                n: ci[n] + (1 - ci[n]) * torch.rand(ci[n].shape, device=ci[n].device) for n in self.names
+            }
+            dm = {n: (deltas[n], torch.rand(ci[n].shape[:-1], device=ci[n].device)) for n in self.names}
+            return masks, dm
+
+        masks, dm = draw()
+        out = self.run(x, masks=masks, deltas=dm)
+        terms["stochastic_recon"] = naive_output_loss(out, target_out, output_loss_type)
+        masks, dm = draw()
+        total = 0.0
+        for n in self.names:
+            total = total + naive_output_loss(
+                self.run(x, masks={n: masks[n]}, deltas={n: dm[n]}), target_out, output_loss_type
+            )
+        terms["stochastic_recon_layerwise"] = total / len(self.names)
+        return terms
+
+
+# ----------------------------------------------------------------------------- setup
+def build(name: str, device: str, seed: int = 0) -> tuple[ComponentModel, Tensor, str]:
+    """(our ComponentModel, a batch, output loss type) for a config."""
+    cfg = CONFIGS[name]
+    torch.manual_seed(seed)
+    if cfg["kind"] == "tms":
+        target = TMSModel(5, 2)
+        train_toy_model(target, steps=300, batch=1024, seed=seed)
+        x = sparse_feature_batch(cfg["batch"], 5, 0.05, torch.Generator().manual_seed(seed))
+        loss_type = "mse"
+    else:
+        target = GPT(GPTConfig(block_size=256, vocab_size=4096, n_layer=4, n_head=4, n_embd=128))
+        x = torch.randint(0, 4096, (cfg["batch"], cfg["seq"]), generator=torch.Generator().manual_seed(seed))
+        loss_type = "kl"
+    cm = ComponentModel(target.to(device), cfg["patterns"], cfg["ci"], cfg["hidden"], "leaky_hard")
+    return cm, x.to(device), loss_type

@@ -1,0 +1,100 @@
+"""The docs' results tables match what `python -m benchmarks.report` generates from the committed JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import report
+from benchmarks.results import RESULTS_DIR
+
+
+def _committed_results() -> list[Path]:
+    return sorted(RESULTS_DIR.glob("*.json"))
+
+
+def test_committed_tables_match_their_json() -> None:
+    """Every marked table in README.md and docs/*.md is what its JSON generates, and every marker has one."""
+    problems = report.process(report.doc_files(), check=True)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("path", _committed_results(), ids=lambda p: p.stem)
+def test_committed_results_carry_run_metadata(path: Path) -> None:
+    """Every committed result says where and how it was measured; those the report renders are in a doc."""
+    payload = json.loads(path.read_text())
+    missing = [k for k in report.REQUIRED_META if k not in payload.get("meta", {})]
+    assert not missing, f"{path.name}: meta lacks {missing} (write it with benchmarks.results.write_results)"
+    if report.kind_of(path.stem):
+        assert report.render(path.stem).strip()
+        marker = f"<!-- results:begin {path.stem} -->"
+        assert any(marker in doc.read_text() for doc in report.doc_files()), (
+            f"{path.name} is in no doc's tables"
+        )
+
+
+META = {
+    "commit": "0123456789abcdef",
+    "dirty": False,
+    "date": "2026-01-02T03:04:05+00:00",
+    "cpu": "Test CPU",
+    "cores": 2,
+    "torch": "2.0",
+    "python": "3.11",
+    "command": "python benchmarks/toy.py",
+    "load_before": [0.5, 0.4, 0.3],
+    "load_after": [1.5, 1.0, 0.5],
+}
+
+
+@pytest.fixture
+def toy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A results folder with one 'toy' result and a renderer for it."""
+    monkeypatch.setitem(report.RENDERERS, "toy", lambda p: ["| x |", "|---|", f"| {p['results']['x']} |"])
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "toy.json").write_text(json.dumps({"meta": META, "results": {"x": 7}}))
+    return results
+
+
+def test_stale_table_is_reported_then_regenerated(toy: Path, tmp_path: Path) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- results:begin toy -->\n| x |\n|---|\n| 6 |\n<!-- results:end toy -->\nend\n")
+    problems = report.process([doc], check=True, results_dir=toy)
+    assert len(problems) == 1 and "'toy' differs" in problems[0]
+    assert report.process([doc], check=False, results_dir=toy) == []
+    text = doc.read_text()
+    assert "| 7 |" in text and "| 6 |" not in text
+    assert text.startswith("intro\n") and text.endswith("<!-- results:end toy -->\nend\n")
+    assert "commit `0123456` on 2026-01-02: Test CPU, 2 cores" in text
+    assert "load average 0.50 before, 1.50 after" in text
+    assert report.process([doc], check=True, results_dir=toy) == []
+
+
+def test_marker_without_json_is_reported(toy: Path, tmp_path: Path) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- results:begin toy_missing -->\n<!-- results:end toy_missing -->\n")
+    for check in (True, False):
+        problems = report.process([doc], check=check, results_dir=toy)
+        assert len(problems) == 1 and "'toy_missing' has no" in problems[0]
+
+
+def test_marker_with_unknown_kind_and_unclosed_markers_are_reported(toy: Path, tmp_path: Path) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- results:begin nothing_known -->\n<!-- results:end nothing_known -->\n")
+    assert "no renderer" in report.process([doc], check=True, results_dir=toy)[0]
+    doc.write_text("<!-- results:begin toy -->\n| x |\n")
+    assert "has no results:end" in report.process([doc], check=True, results_dir=toy)[0]
+    doc.write_text("<!-- results:end toy -->\n")
+    assert "without a matching results:begin" in report.process([doc], check=True, results_dir=toy)[0]
+
+
+def test_result_without_run_metadata_is_reported(toy: Path, tmp_path: Path) -> None:
+    meta = {k: v for k, v in META.items() if k != "load_after"}
+    (toy / "toy.json").write_text(json.dumps({"meta": meta, "results": {"x": 7}}))
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- results:begin toy -->\n<!-- results:end toy -->\n")
+    problems = report.process([doc], check=True, results_dir=toy)
+    assert len(problems) == 1 and "load_after" in problems[0]
