@@ -39,6 +39,7 @@ from callbacks import ExactResume
 from callbacks.checkpoint_io import load_checkpoint_file
 from callbacks.checkpoints import BestCheckpoint, PeriodicCheckpoint
 from callbacks.console import QuietModelSummary, RunReport, StepProgressBar, quiet_lightning_notices
+from lightning_modules.common.optim import check_optimizer_strategy
 from lightning_modules.common.user_errors import HINT, describe, describe_parser_error, first_user_error
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -197,7 +198,10 @@ class CollectionCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand or "", self.config)
-        require_strategy_packages(config.get("trainer", {}).get("strategy"))
+        strategy = config.get("trainer", {}).get("strategy")
+        model_args = (config.get("model") or {}).get("init_args") or {}
+        check_optimizer_strategy(model_args.get("optimizer"), strategy)  # Muon: not under DeepSpeed / FSDP
+        require_strategy_packages(strategy)
         check_checkpoint_settings(config.get("checkpoint", {}))
         place_logger(config, subcommand)
 
@@ -220,7 +224,8 @@ class CollectionCLI(LightningCLI):
         # our loader first so a truncated or corrupted file is a clear error naming it, not a zip trace.
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+        special = ckpt_path in ("last", "best", "hpc", "registry")
+        if ckpt_path and not special and not Path(ckpt_path).is_dir():  # DeepSpeed / FSDP: directories
             load_checkpoint_file(ckpt_path, weights_only=True)
         super()._parse_ckpt_path()
 

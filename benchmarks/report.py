@@ -2,7 +2,7 @@
 
 A table lives between two marker lines; NAME is a results file's stem (benchmarks/results/NAME.json) whose
 kind (the stem's leading part: gpt_speed, spd_speed, npt_component, npt_layer, checkpoint_stall, main_job,
-tokenize_speed) has a renderer here:
+tokenize_speed, generate_speed, muon_vs_adamw) has a renderer here:
 
     <!-- results:begin gpt_speed_tiny_cpu -->
     (generated: the table and the line saying what it was measured on)
@@ -362,7 +362,16 @@ def render_tokenize_speed(payload: Payload) -> list[str]:
         f"{r['tokenizer']['vocab_size']} tokens, {r['cpu_count']} CPU cores; medians of {r['rounds']} interleaved "
         "rounds. CPU s: user + system time of every process of the variant."
     )
-    header = ["variant", "tokens", "tokens/s", "vs loop", f"vs {first}", "CPU s", "tokens per CPU s"]
+    first_procs = r["variants"][first]["processes"]
+    header = [
+        "variant",
+        "tokens",
+        "tokens/s",
+        "vs loop",
+        f"vs num_proc={first_procs}",
+        "CPU s",
+        "tokens per CPU s",
+    ]
     body = []
     for name, row in r["variants"].items():
         label = "single-process loop" if name == "loop" else f"`prepare`, num_proc={row['processes']}"
@@ -380,6 +389,70 @@ def render_tokenize_speed(payload: Payload) -> list[str]:
     return [head, ""] + _table(header, ["---"] + ["---:"] * (len(header) - 1), body)
 
 
+def render_generate_speed(payload: Payload) -> list[str]:
+    """GPT.generate's tokens/s with the KV cache against the cache-free path, per context setting."""
+    r = payload["results"]
+    args, model = r["args"], r["model"]
+    threads = f", {r['threads']} thread(s)" if r.get("threads") else ""
+    head = (
+        f"{args['new_tokens']} new tokens after a {args['prompt_tokens']}-token prompt, greedy, batch 1; a "
+        f"random {model['n_layer']}-layer, {model['n_head']}-head, {model['n_embd']}-wide GPT (vocabulary "
+        f"{model['vocab_size']}, {_count(model['parameters'])} parameters), {r['dtype']} on {r['device']}"
+        f"{threads}; medians of {args['rounds']} interleaved rounds."
+    )
+    body = []
+    for name, row in r["settings"].items():
+        ratios = row["speedup_rounds"]
+        slides = row["slides_after_new_tokens"]
+        context = f"`{name}`: block_size {row['block_size']}" + (
+            f" (window slides after {slides} new tokens)" if slides < args["new_tokens"] else ""
+        )
+        body.append(
+            [
+                context,
+                f"{row['cache_tokens_per_s']:,.0f}",
+                f"{row['no_cache_tokens_per_s']:,.0f}",
+                f"**{row['speedup_median']:.1f}x**",
+                f"{min(ratios):.1f}-{max(ratios):.1f}x",
+                "yes" if row["greedy_tokens_equal"] else "**no**",
+            ]
+        )
+    header = ["context", "KV cache tokens/s", "cache-free tokens/s", "speed-up", "rounds", "same tokens"]
+    return [head, ""] + _table(header, ["---", "---:", "---:", "---:", "---:", "---"], body)
+
+
+def render_muon_vs_adamw(payload: Payload) -> list[str]:
+    """AdamW against Muon arms on the main job: final loss, steps to AdamW's final loss, step-time ratio."""
+    r = payload["results"]
+    arms = r["arms"]
+    adamw_steps = arms[0]["validations"][-1]["step"]
+    head = (
+        f"`{r['config']}`, {r['max_steps']} steps of {r['tokens_per_step']:,} tokens per arm, same seed and "
+        f"data order; validation every {r['val_every']} steps on {r['val_windows']} windows. Target: AdamW's "
+        f"final validation loss, {r['adamw_final_val_loss']:.3f} nats (steps to it linear between validations)."
+    )
+    header = ["arm", "final val loss", "steps to AdamW's final", "of AdamW's", "median step", "vs AdamW"]
+    body = []
+    for arm in arms:
+        label = "AdamW (as shipped)" if arm["muon_lr"] is None else f"Muon lr {arm['muon_lr']:g} + AdamW"
+        reach = arm["steps_to_adamw_final"]
+        best = arm["name"] == r.get("best_muon")
+        fraction = _num(arm["steps_fraction_of_adamw"], ".0%")
+        body.append(
+            [
+                label,
+                f"{arm['final_val_loss']:.3f}",
+                "not reached" if reach is None else f"{reach:.0f} / {adamw_steps}",
+                f"**{fraction}**" if best else fraction,
+                f"{arm['median_step_s']:.3f} s",
+                _ratio(arm["step_time_ratio"], ".3f"),
+            ]
+        )
+    planned = [lr for lr in r.get("muon_lrs_planned", []) if lr not in {a["muon_lr"] for a in arms}]
+    tail = ["", f"Planned but not run: Muon lr {', '.join(f'{lr:g}' for lr in planned)}."] if planned else []
+    return [head, ""] + _table(header, ["---", "---:", "---:", "---:", "---:", "---:"], body) + tail
+
+
 RENDERERS: dict[str, Callable[[Payload], list[str]]] = {
     "main_job": render_main_job,
     "gpt_speed": render_gpt_speed,
@@ -388,6 +461,8 @@ RENDERERS: dict[str, Callable[[Payload], list[str]]] = {
     "npt_layer": render_npt_layer,
     "checkpoint_stall": render_checkpoint_stall,
     "tokenize_speed": render_tokenize_speed,
+    "generate_speed": render_generate_speed,
+    "muon_vs_adamw": render_muon_vs_adamw,
 }
 
 

@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, TQDMProgressBar
 from lightning.pytorch.callbacks.model_summary import log
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
 
@@ -220,6 +221,6 @@ class RunReport(pl.Callback):
         rows += [(name, directory / name) for name in self.RESULT_FILES if (directory / name).exists()]
         width = max(len(label) for label, _ in rows)
         lines = [head] + [f"  {label:<{width}}  {path}" for label, path in rows]
-        if trainer.loggers:
+        if any(isinstance(logger, TensorBoardLogger) for logger in trainer.loggers):
             lines.append(f"  {'TensorBoard':<{width}}  tensorboard --logdir {directory.parent}")
         return lines

@@ -31,7 +31,7 @@ import shlex
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,7 +74,9 @@ class Preset:
 
 
 PRESETS = {
-    "tinyshakespeare": Preset("Trelis/tiny-shakespeare", None, "Text", "1.1M characters of Shakespeare"),
+    "tinyshakespeare": Preset(
+        "Trelis/tiny-shakespeare", None, "Text", "about 1M characters of Shakespeare (its train split)"
+    ),
     "openwebtext": Preset("Skylion007/openwebtext", None, "text", "8M web documents, ~9B GPT-2 tokens"),
     "fineweb-edu": Preset(
         "HuggingFaceFW/fineweb-edu", "sample-10BT", "text", "educational web pages, a 10B GPT-2-token sample"
@@ -141,42 +143,60 @@ class PrepareConfig:
         return {"tokenizer": self.tokenizer}
 
 
-@dataclass
 class Source:
-    """A corpus as a sequence of documents: `documents()` starts a fresh pass."""
+    """A corpus as a sequence of documents. A dataset is loaded on first use (`load`), so a finished
+    directory is recognised without loading it."""
 
-    describe: str
-    identity: Any
-    total: int | None  # documents, when known (for the progress bar)
-    loader: Any
+    def __init__(
+        self, describe: str, identity: Any, load: Callable[[], tuple[Callable[[], Iterator[str]], int | None]]
+    ):
+        self.describe = describe
+        self.identity = identity
+        self._load = load
+        self._loaded: tuple[Callable[[], Iterator[str]], int | None] | None = None
+
+    def load(self) -> None:
+        """Load the corpus now (a dataset that cannot be loaded fails here)."""
+        if self._loaded is None:
+            self._loaded = self._load()
+
+    @property
+    def total(self) -> int | None:
+        """The number of documents, when known (for the progress bar)."""
+        self.load()
+        return self._loaded[1]  # type: ignore[index]
 
     def documents(self) -> Iterator[str]:
-        """The documents in order (empty ones included: they count as positions)."""
-        return self.loader()
+        """A fresh pass over the documents in order (empty ones included: they count as positions)."""
+        self.load()
+        return self._loaded[0]()  # type: ignore[index]
 
 
 def open_source(config: PrepareConfig) -> Source:
-    """The files or dataset `config` names (FileNotFoundError / ValueError when it cannot be read)."""
+    """The files (resolved now: FileNotFoundError when missing) or the dataset (loaded on first use) that
+    `config` names."""
     if config.files is not None:
         files = resolve_text_files(config.files)
-        shown = ", ".join(repr(str(f)) for f in files[:3]) + (
-            f" and {len(files) - 3:,} more" if len(files) > 3 else ""
-        )
+        more = f" and {len(files) - 3:,} more" if len(files) > 3 else ""
+        shown = ", ".join(repr(str(f)) for f in files[:3]) + more
+        identity = {"files": [file_identity(f) for f in files]}
         return Source(
             f"{len(files):,} file(s) ({shown})",
-            {"files": [file_identity(f) for f in files]},
-            len(files),
-            lambda: iter_file_texts(files),
+            identity,
+            lambda: (lambda: iter_file_texts(files), len(files)),
         )
     name, column = str(config.dataset), config.text_column
-    dataset = load_text_dataset(name, config.dataset_config, config.streaming)
-    total = None if config.streaming else getattr(dataset, "num_rows", None)
+
+    def load() -> tuple[Callable[[], Iterator[str]], int | None]:
+        dataset = load_text_dataset(name, config.dataset_config, config.streaming)
+        total = None if config.streaming else getattr(dataset, "num_rows", None)
+        return (lambda: iter_dataset_texts(dataset, column, name)), total
+
     streaming = ", streaming" if config.streaming else ""
     return Source(
         f"dataset {name!r} (config {config.dataset_config!r}, text_column {column!r}{streaming})",
         dataset_identity(name, config.dataset_config, column),
-        total,
-        lambda: iter_dataset_texts(dataset, column, name),
+        load,
     )
 
 
@@ -371,41 +391,43 @@ def _remove_unfinished(out_dir: Path, keep: int) -> None:
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = temporary_path(path)
-    tmp.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    _write_text(path, json.dumps(payload, indent=1) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
-def load_tokenizer(config: PrepareConfig, source: Source, out_dir: Path, resuming: bool) -> TextTokenizer:
-    """The tokenizer `config.tokenizer` names; a BPE is trained here (or reused when resuming) and saved as
-    out_dir/tokenizer.json, where `TextDataModule` with tokenizer 'bpe' finds it."""
-    name = config.tokenizer
-    saved = out_dir / BPE_NAME
+def load_tokenizer(name: str, bpe_vocab_size: int) -> TextTokenizer | None:
+    """The tokenizer `name` names: 'bytes', a BPE tokenizer.json file, a transformers directory / hub name;
+    None for 'bpe' (trained on the corpus by `train_or_reuse_bpe`)."""
+    if name == "bpe":
+        return None
     if name == "bytes":
         return ByteTokenizer()
-    if name == "bpe":
-        if resuming and saved.is_file():
-            return BPETokenizer.from_file(saved, config.bpe_vocab_size)
-        texts = _training_texts(source, config)
-        _log(
-            f"training a byte-level BPE ({config.bpe_vocab_size:,} tokens) on up to {config.bpe_train_chars:,} "
-            "characters of the training split"
-        )
-        trained = train_bpe(texts, config.bpe_vocab_size)
-        tmp = temporary_path(saved)
-        tmp.write_text(trained.to_str(), encoding="utf-8")
-        os.replace(tmp, saved)
-        return BPETokenizer(trained, config.bpe_vocab_size)
     path = Path(name).expanduser()
     if path.suffix == ".json":
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer={name!r}: there is no tokenizer file {str(path)!r}")
-        tokenizer = BPETokenizer.from_file(path, config.bpe_vocab_size)
-        if path.resolve() != saved.resolve():
-            saved.write_text(tokenizer.tokenizer.to_str(), encoding="utf-8")
-        return tokenizer
+        try:
+            return BPETokenizer.from_file(path, bpe_vocab_size)
+        except ValueError:
+            raise
+        except Exception as err:  # tokenizers raises a bare Exception for a file it cannot read
+            raise ValueError(f"tokenizer={name!r} is not a tokenizers JSON file ({err})") from err
     return HFTokenizer(name)  # a local directory or a hub name (ValueError naming it when it cannot load)
+
+
+def train_or_reuse_bpe(config: PrepareConfig, source: Source, out_dir: Path, reuse: bool) -> BPETokenizer:
+    """The BPE saved in out_dir/tokenizer.json when resuming, else one trained on the training split's first
+    `bpe_train_chars` characters and saved there (where `TextDataModule` with tokenizer 'bpe' finds it)."""
+    saved = out_dir / BPE_NAME
+    if reuse and saved.is_file():
+        return BPETokenizer.from_file(saved, config.bpe_vocab_size)
+    _log(
+        f"training a byte-level BPE ({config.bpe_vocab_size:,} tokens) on up to {config.bpe_train_chars:,} "
+        "characters of the training split"
+    )
+    trained = train_bpe(_training_texts(source, config), config.bpe_vocab_size)
+    _write_text(saved, trained.to_str())
+    return BPETokenizer(trained, config.bpe_vocab_size)
 
 
 def _training_texts(source: Source, config: PrepareConfig) -> Iterator[str]:
@@ -435,11 +457,12 @@ def _log(message: str) -> None:
 # ------------------------------------------------------------------------------------------------- prepare
 def prepare(config: PrepareConfig) -> dict[str, Any]:
     """Tokenise `config`'s source into shards in `config.out_dir` (continuing an interrupted run); returns
-    the completed index (what shards.json holds)."""
+    the completed index (what shards.json holds). Bad settings, sources and tokenizers fail before anything
+    is written."""
     config.validate()
     source = open_source(config)
+    tokenizer = load_tokenizer(config.tokenizer, config.bpe_vocab_size)
     out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     settings = {
         "source": source.identity,
         **config.tokenizer_spec(),
@@ -449,22 +472,27 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         "shard_tokens": config.shard_tokens,
         "max_docs": config.max_docs,
     }
-    index = read_index(out_dir)
-    if index is not None:
-        _check_same_settings(out_dir, index["settings"], settings)
-    tokenizer = load_tokenizer(config, source, out_dir, resuming=index is not None)
+    index = read_index(out_dir) if out_dir.is_dir() else None
+    if index is not None and not _same_settings(index["settings"], settings):
+        if _has_shards(out_dir):
+            _settings_error(out_dir, index["settings"], settings)
+        index = None  # nothing was written under those settings: start afresh
+    if index is not None and index.get("complete"):
+        if tokenizer is not None and not same_tokenizer(index["tokenizer"], tokenizer_identity(tokenizer)):
+            _tokenizer_error(out_dir, index["tokenizer"], tokenizer_identity(tokenizer))
+        splits = index["splits"]
+        _log(f"{out_dir} is complete ({splits['train']['tokens']:,} training tokens); nothing to do")
+        return index
+    source.load()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer is None:
+        tokenizer = train_or_reuse_bpe(config, source, out_dir, reuse=index is not None)
+    elif isinstance(tokenizer, BPETokenizer):  # a tokenizer.json file: a copy goes beside the shards
+        _write_text(out_dir / BPE_NAME, tokenizer.tokenizer.to_str())
     identity = tokenizer_identity(tokenizer)
     dtype = _dtype_for(tokenizer)
     if index is not None and not same_tokenizer(index["tokenizer"], identity):
-        raise ValueError(
-            f"{str(out_dir)!r} holds shards made with {describe_identity(index['tokenizer'])}, but the tokenizer "
-            f"now loads as {describe_identity(identity)}; use another --out_dir or delete {str(out_dir)!r}"
-        )
-    if index is not None and index.get("complete"):
-        _log(
-            f"{out_dir} is already complete ({index['splits']['train']['tokens']:,} training tokens); nothing to do"
-        )
-        return index
+        _tokenizer_error(out_dir, index["tokenizer"], identity)
     index = {
         "format": "lmc-token-shards",
         "complete": False,
@@ -523,20 +551,37 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     return index
 
 
-def _check_same_settings(out_dir: Path, recorded: dict[str, Any], settings: dict[str, Any]) -> None:
-    recorded = json.loads(json.dumps(recorded))  # compare like with like (tuples vs lists)
-    current = json.loads(json.dumps(settings))
+def _same_settings(recorded: dict[str, Any], settings: dict[str, Any]) -> bool:
+    return json.loads(json.dumps(recorded)) == json.loads(json.dumps(settings))  # tuples and lists alike
+
+
+def _has_shards(out_dir: Path) -> bool:
+    return any(_SHARD_FILE.match(p.name) for p in out_dir.iterdir())
+
+
+def _settings_error(out_dir: Path, recorded: dict[str, Any], settings: dict[str, Any]) -> None:
+    recorded, current = json.loads(json.dumps(recorded)), json.loads(json.dumps(settings))
     differ = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
-    if differ:
-        shown = "; ".join(
-            f"{k}: {recorded.get(k)!r} there, {current.get(k)!r} now" for k in differ if k != "source"
-        )
-        if "source" in differ:
-            shown = "the source (its files or dataset changed)" + (f"; {shown}" if shown else "")
-        raise ValueError(
-            f"{str(out_dir)!r} was prepared with other settings ({shown}). Repeat that run's arguments to finish "
-            "it, or use another --out_dir"
-        )
+    shown = [f"{k}: {recorded.get(k)!r} there, {current.get(k)!r} now" for k in differ if k != "source"]
+    if "source" in differ:
+        shown.insert(0, "the source (its files or dataset differ)")
+    raise ValueError(
+        f"{str(out_dir)!r} holds shards prepared with other settings ({'; '.join(shown)}). Repeat that run's "
+        "arguments to finish it, or use another --out_dir"
+    )
+
+
+def _tokenizer_error(out_dir: Path, recorded: dict[str, Any], identity: dict[str, Any]) -> None:
+    raise ValueError(
+        f"{str(out_dir)!r} holds shards made with {describe_identity(recorded)}, but the tokenizer now loads as "
+        f"{describe_identity(identity)}; use another --out_dir or delete {str(out_dir)!r}"
+    )
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = temporary_path(path)
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _tokenise(

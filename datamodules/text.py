@@ -419,7 +419,7 @@ class TextDataModule(LightningDataModule):
 
     def _prepare_text(self) -> tuple[TokenSpan, TokenSpan]:
         identity, pieces, describe = self._text_source()
-        folder = self.cache_dir / f"{self.tokenizer_name.replace('/', '_')[-40:]}-{self._cache_key(identity)}"
+        folder = self.cache_dir / self._cache_folder_name(identity)
         self.cache_path = folder
         meta = self._read_cache(folder)
         self.cache_hit = meta is not None
@@ -436,6 +436,14 @@ class TextDataModule(LightningDataModule):
         else:
             self._report_tokenizer()
         return self._split_stream(TokenSpan(folder / "tokens.bin", meta["dtype"], 0, meta["n_tokens"]))
+
+    def cache_folder_name(self) -> str:
+        """The folder under `cache_dir` that holds this configuration's tokens (and trained BPE,
+        `tokenizer.json`): `<tokenizer>-<key of the corpus and data settings>`. Reads the corpus' file list."""
+        return self._cache_folder_name(self._text_source()[0])
+
+    def _cache_folder_name(self, identity: Any) -> str:
+        return f"{self.tokenizer_name.replace('/', '_')[-40:]}-{self._cache_key(identity)}"
 
     def _text_source(self) -> tuple[Any, Pieces, str]:
         """(cache identity, a factory of corpus pieces, a description for messages) of a text source."""

@@ -330,13 +330,26 @@ def test_main_says_what_it_used_and_returns_zero(bpe_run, tmp_path, capsys) -> N
 
 
 # ---------------------------------------------------------------------------------------------- converted checkpoints
-def test_converted_file_without_architecture_uses_the_run_config(tmp_path) -> None:
-    """DeepSpeed's zero_to_fp32.py writes a bare state dict; --config (the run's config.yaml) supplies the
-    architecture, with vocab_size linked from the data section as train.py links it."""
+@pytest.mark.parametrize("written_as", ["pytorch_model.bin", "safetensors shards"])
+def test_zero_to_fp32_output_exports_with_the_run_config(tmp_path, written_as: str) -> None:
+    """DeepSpeed's zero_to_fp32.py writes the weights alone (a pytorch_model.bin, or safetensors shards, in a
+    directory); --config (the run's config.yaml) supplies the architecture, with vocab_size linked from
+    its data section as train.py links it, and the tokenizer."""
+    from safetensors.torch import save_file
+
     torch.manual_seed(3)
     model = spread(GPT(tiny_config(256, **LLAMA_SWITCHES)), seed=3)
-    bare = tmp_path / "zero_to_fp32.bin"
-    torch.save({f"_forward_module.model.{k}": v for k, v in model.state_dict().items()}, bare)
+    state = {f"_forward_module.model.{k}": v.clone() for k, v in model.state_dict().items()}
+    weights = tmp_path / "fp32"
+    weights.mkdir()
+    if written_as == "pytorch_model.bin":
+        torch.save(state, weights / "pytorch_model.bin")
+        ckpt = weights / "pytorch_model.bin"
+    else:
+        names = sorted(state)
+        save_file({k: state[k] for k in names[::2]}, str(weights / "model-00001-of-00002.safetensors"))
+        save_file({k: state[k] for k in names[1::2]}, str(weights / "model-00002-of-00002.safetensors"))
+        ckpt = weights
     fields = {k: v for k, v in model.config.architecture().items() if k != "padded_vocab_size"}
     run_config = {
         "model": {
@@ -348,8 +361,8 @@ def test_converted_file_without_architecture_uses_the_run_config(tmp_path) -> No
     config_yaml = tmp_path / "config.yaml"
     config_yaml.write_text(yaml.safe_dump(run_config), encoding="utf-8")
     with pytest.raises(ValueError, match="not the model's architecture.*--config"):
-        export(bare, tmp_path / "no_config", log=lambda _: None)
-    report = export(bare, tmp_path / "out", config=config_yaml, log=lambda _: None)
+        export(ckpt, tmp_path / "no_config", log=lambda _: None)
+    report = export(ckpt, tmp_path / "out", config=config_yaml, log=lambda _: None)
     assert report["class"] == "LlamaForCausalLM" and report["tokenizer"] == "UTF-8 bytes"
     reloaded, _ = load_target_model(tmp_path / "out", "gpt")
     ids = list(range(0, 250, 10))

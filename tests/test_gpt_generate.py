@@ -44,14 +44,13 @@ def combo_id(switches: dict) -> str:
 
 def sharp_model(seed: int = 0, **switches) -> GPT:
     """A random tiny GPT whose attention is peaked (so positions and masks change the output a lot) and whose
-    next-token logits are far apart (so float rounding between the two paths never changes an argmax)."""
+    next-token logits are far apart (so float rounding between the two paths never changes an argmax); the
+    untied output layer keeps greedy decoding from repeating the last token."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**{**BASE, **switches})).eval()
     with torch.no_grad():
         for block in model.transformer.h:
             block.attn.c_attn.weight.mul_(6.0)
-        if model.transformer.wpe is not None:
-            model.transformer.wpe.weight.mul_(5.0)
         model.transformer.ln_f.weight.mul_(30.0)
     return model
 
@@ -258,11 +257,15 @@ def test_generate_command_seed_and_errors(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- through train.py (subprocess)
+BYTES_GREEDY = ["--data.init_args.tokenizer=bytes", "--model.init_args.sample_temperature=0"]
+
+
 @pytest.fixture(scope="module")
 def byte_run(tmp_path_factory) -> Path:
-    """A short tiny fit with the bytes tokenizer (nothing to train for the tokenizer)."""
+    """A short tiny fit with the bytes tokenizer (nothing to train for the tokenizer) and greedy samples (the
+    checkpoint's sampling settings are what `predict --ckpt_path` uses)."""
     cwd = tmp_path_factory.mktemp("generate_fit")
-    run_train(cwd, "fit", "--config", str(TINY), *FAST, "--data.init_args.tokenizer=bytes")
+    run_train(cwd, "fit", "--config", str(TINY), *FAST, *BYTES_GREEDY)
     return cwd
 
 
@@ -271,8 +274,8 @@ def test_predict_writes_the_decoded_texts(byte_run):
     prompts_yaml = byte_run / "prompts.yaml"
     prompts_yaml.write_text("data:\n  init_args:\n    predict_prompts: ['def main(', 'x = 1', 'é']\n")
     run_train(
-        byte_run, "predict", "--config", str(TINY), *FAST, "--data.init_args.tokenizer=bytes",
-        "--config", str(prompts_yaml), "--model.init_args.sample_temperature=0", f"--ckpt_path={ckpt}",
+        byte_run, "predict", "--config", str(TINY), *FAST, *BYTES_GREEDY, "--config", str(prompts_yaml),
+        f"--ckpt_path={ckpt}",
     )  # fmt: skip
     written = (byte_run / "lightning_logs" / "version_1" / "predictions.txt").read_text(encoding="utf-8")
     model, _ = load_target_model(ckpt, "gpt")

@@ -150,7 +150,7 @@ def test_killed_run_resumes_keeping_finished_shards(corpus: Path, tmp_path: Path
     run(corpus, tmp_path / "clean")
     assert shard_bytes(out) == shard_bytes(tmp_path / "clean")  # as if it had never stopped
     assert main([*args, "--num_proc", "0"]) == 0  # complete: nothing to do
-    assert "already complete" in capsys.readouterr().err
+    assert "is complete" in capsys.readouterr().err
 
 
 def test_resume_with_other_settings_is_refused(corpus: Path, tmp_path: Path) -> None:
@@ -283,6 +283,8 @@ def test_local_dataset_and_streaming_data_files(tmp_path: Path, monkeypatch: pyt
         prepare(
             PrepareConfig(out_dir=tmp_path / "b", dataset=str(tmp_path / "ds"), text_column="txt", **config)
         )
+    # nothing was written under the wrong column, so the corrected command starts afresh in the same directory
+    prepare(PrepareConfig(out_dir=tmp_path / "b", dataset=str(tmp_path / "ds"), text_column="body", **config))
 
     (tmp_path / "jsonl").mkdir()
     (tmp_path / "jsonl" / "data.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))

@@ -5,11 +5,12 @@
 DIR receives config.json, model.safetensors and generation_config.json of a GPT2LMHeadModel or a
 LlamaForCausalLM (whichever represents the model's switches, `hf.hf_layout`), and the run's tokenizer as a
 PreTrainedTokenizerFast (tokenizer.json, tokenizer_config.json). CKPT is one of our Lightning checkpoints,
-or the single file that DeepSpeed's / FSDP's conversion step makes of a checkpoint directory (docs/gpt.md,
-"Export"). The tokenizer is --tokenizer when given, else the one TextDataModule saves in the checkpoint, else
-the one the run's data settings name (`datamodule_hyper_parameters`, which LightningCLI stores): 'bytes', a
-transformers tokenizer, or the BPE in the run's data cache, which is looked up but never retrained. Before it
-returns, the export loads DIR back with transformers and checks that its logits and its tokenizer agree
+or what DeepSpeed's / FSDP's conversion step makes of a checkpoint directory (docs/gpt.md, "Export").
+
+The tokenizer is --tokenizer when given, else the one TextDataModule saves in the checkpoint, else the one
+the run's data settings name (`datamodule_hyper_parameters`, which LightningCLI stores): 'bytes', a
+transformers tokenizer, or the BPE in the run's data cache, which is looked up but never retrained. Before
+it returns, the export loads DIR back with transformers and checks that its logits and its tokenizer agree
 with ours.
 """
 
@@ -67,8 +68,9 @@ class RunWeights:
 
 # ---------------------------------------------------------------------------------------------- weights
 def read_checkpoint_file(path: Path) -> dict[str, Any]:
-    """The dict in a checkpoint file; a directory (an unconverted DeepSpeed / FSDP checkpoint) is an error
-    that gives the conversion command."""
+    """The dict in a checkpoint file, or the merged weights of a directory that DeepSpeed's zero_to_fp32.py
+    wrote (pytorch_model*.bin or model*.safetensors, sharded or not); an unconverted DeepSpeed / FSDP
+    checkpoint directory is an error that gives the conversion command."""
     if path.is_dir():
         if (path / "latest").is_file() or (path / "checkpoint").is_dir():
             command = _DEEPSPEED_CONVERT.format(path=path)
@@ -83,11 +85,30 @@ def read_checkpoint_file(path: Path) -> dict[str, Any]:
             )
         if (path / "config.json").is_file():
             raise ValueError(f"{str(path)!r} is already a transformers model directory; nothing to export")
-        raise ValueError(
-            f"{str(path)!r} is a directory; give one of our .ckpt files (or a converted DeepSpeed / FSDP file)"
-        )
+        files = sorted(path.glob("model*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+        if not files:
+            raise ValueError(
+                f"{str(path)!r} is a directory without weights; give one of our .ckpt files, a converted "
+                "DeepSpeed / FSDP file, or the directory zero_to_fp32.py wrote"
+            )
+        merged: dict[str, Any] = {}
+        for file in files:  # the shards of one state dict
+            merged.update(_read_file(file))
+        return merged
     if not path.is_file():
         raise FileNotFoundError(f"--ckpt_path {str(path)!r} does not exist; give one of our .ckpt files")
+    return _read_file(path)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    """A safetensors file's tensors, or the dict torch.load(weights_only=True) reads from a checkpoint."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return dict(load_file(str(path), device="cpu"))
+        except Exception as err:  # safetensors raises its own error type for a corrupt file
+            raise ValueError(f"{str(path)!r} could not be read as safetensors ({err})") from err
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
@@ -102,8 +123,8 @@ def read_checkpoint_file(path: Path) -> dict[str, Any]:
 
 
 def gpt_state_dict(payload: Mapping[str, Any], source: str) -> dict[str, torch.Tensor]:
-    """Our GPT's weights from a checkpoint dict: a Lightning `state_dict` (keys `model.*`), or a bare state
-    dict as DeepSpeed's own zero_to_fp32.py writes; wrapper prefixes (DeepSpeed, FSDP, compile) removed."""
+    """Our GPT's weights from a checkpoint dict: a Lightning `state_dict` (keys `model.*`), or the bare state
+    dict DeepSpeed's own zero_to_fp32.py writes; wrapper prefixes (DeepSpeed, FSDP, compile) removed."""
     state = payload.get("state_dict")
     if not isinstance(state, Mapping):
         if payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
@@ -279,7 +300,7 @@ def _run_bpe_path(data_args: Mapping[str, Any], ckpt_path: Path) -> Path:
         reason = f"the .bin source {str(bin_source.train)!r} keeps it beside itself"
     else:
         try:
-            folder = f"bpe-{dm._cache_key(dm._text_source()[0])}"  # the name TextDataModule gives its cache
+            folder = dm.cache_folder_name()
         except (ValueError, FileNotFoundError) as err:
             raise FileNotFoundError(
                 f"the run's BPE tokenizer cannot be located: its corpus is not readable here ({err}); pass "
@@ -507,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--ckpt_path",
         required=True,
-        help="our Lightning .ckpt, or the single file a DeepSpeed / FSDP checkpoint directory converts to",
+        help="our Lightning .ckpt, the single file a DeepSpeed / FSDP checkpoint directory converts to, or the "
+        "output directory of DeepSpeed's zero_to_fp32.py",
     )
     parser.add_argument("--out_dir", required=True, help="the directory to write (new or empty)")
     parser.add_argument(

@@ -418,7 +418,7 @@ class GPT(nn.Module):
             else:
                 if cache.length in (0, block):  # first step, or the window slid: (re)fill the cache
                     cache.reset()
-                    window = idx[:, -block // 2 :]
+                    window = idx[:, -block:]
                 else:
                     window = idx[:, -1:]
                 logits = self.lm_head(self.hidden_states(window, cache)[:, -1])[:, :vocab]
