@@ -14,6 +14,7 @@ benchmarks/results/muon_vs_adamw.json, rendered into docs/benchmarks.md by `pyth
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -23,7 +24,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # python benchmarks/muon_vs_adamw.py
 
 from benchmarks.main_job import median_step_seconds, read_scalars, run_job  # noqa: E402
-from benchmarks.results import REPO_ROOT, run_metadata, write_results  # noqa: E402
+from benchmarks.results import (  # noqa: E402
+    REPO_ROOT,
+    RESULTS_DIR,
+    command_line,
+    load_average,
+    run_metadata,
+    write_results,
+)
 
 MUON = "lightning_modules.common.optim.MuonWithAdamW"
 
@@ -93,6 +101,69 @@ def summarise(arms: list[dict[str, Any]], tokens_per_step: int) -> dict[str, Any
     return {"adamw_final_val_loss": target, "best_muon": best["name"] if best else None}
 
 
+def interleaved_step_times(muon_lr: float, rounds: int, steps: int) -> dict[str, Any]:
+    """Seconds per optimizer step (forward, backward, clipping, step) of the main job's model and batch
+    shape with AdamW and with Muon, in alternating rounds in this process: both see the same machine load."""
+    import copy
+    import time
+
+    import torch
+    import yaml
+
+    from lightning_modules.common.optim import MuonWithAdamW, decay_param_groups, fused_qkv_splits
+    from lightning_modules.gpt import GPT, GPTConfig
+
+    tiny = yaml.safe_load((REPO_ROOT / "configs/gpt2/tiny.yaml").read_text())
+    model_args, data_args = tiny["model"]["init_args"], tiny["data"]["init_args"]
+    adamw_args = model_args["optimizer"]["init_args"]
+    torch.manual_seed(0)
+    config = GPTConfig(**model_args["config"], vocab_size=data_args["bpe_vocab_size"])
+    models = {"adamw": GPT(config)}
+    models["muon"] = copy.deepcopy(models["adamw"])
+    named = list(models["muon"].named_parameters())
+    optimizers = {
+        "adamw": torch.optim.AdamW(
+            decay_param_groups(models["adamw"].named_parameters()),
+            lr=adamw_args["lr"], betas=tuple(adamw_args["betas"]), weight_decay=adamw_args["weight_decay"],
+        ),
+        "muon": MuonWithAdamW(
+            named, lr=muon_lr, adamw_lr=adamw_args["lr"], adamw_weight_decay=adamw_args["weight_decay"],
+            row_splits=fused_qkv_splits(models["muon"], (n for n, _ in named)),
+        ),
+    }  # fmt: skip
+    tokens = torch.randint(0, config.vocab_size, (data_args["batch_size"], data_args["block_size"] + 1))
+
+    def step(name: str) -> None:
+        model, opt = models[name], optimizers[name]
+        opt.zero_grad(set_to_none=True)
+        logits = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    times: dict[str, list[float]] = {"adamw": [], "muon": []}
+    for name in times:  # warm-up: first-call allocations and the optimizers' state
+        for _ in range(3):
+            step(name)
+    for r in range(rounds):
+        for name in ("adamw", "muon") if r % 2 == 0 else ("muon", "adamw"):
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(name)
+            times[name].append((time.perf_counter() - start) / steps)
+    ratios = [m / a for m, a in zip(times["muon"], times["adamw"], strict=True)]
+    return {
+        "rounds": rounds,
+        "steps_per_round": steps,
+        "threads": torch.get_num_threads(),
+        "adamw_step_s": statistics.median(times["adamw"]),
+        "muon_step_s": statistics.median(times["muon"]),
+        "ratio_median": statistics.median(ratios),
+        "ratio_rounds": ratios,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -102,7 +173,24 @@ def main() -> None:
     parser.add_argument("--val-windows", type=int, default=256, help="validation windows per check")
     parser.add_argument("--muon-lrs", type=float, nargs="+", default=[0.01, 0.02, 0.04], help="Muon LR sweep")
     parser.add_argument("--out", type=Path, default=None, help="results file (default: results/<name>.json)")
+    parser.add_argument("--timing-rounds", type=int, default=10, help="interleaved step-timing rounds")
+    parser.add_argument(
+        "--timing-only",
+        action="store_true",
+        help="add the interleaved step timing to an existing results file instead of training",
+    )
     args = parser.parse_args()
+    timing_lr = args.muon_lrs[0]
+    if args.timing_only:
+        path = args.out or RESULTS_DIR / "muon_vs_adamw.json"
+        payload = json.loads(Path(path).read_text())
+        payload["results"]["interleaved_timing"] = {
+            "muon_lr": timing_lr,
+            **interleaved_step_times(timing_lr, args.timing_rounds, 10),
+        }
+        meta = {**payload["meta"], "timing_command": command_line(), "timing_load_before": load_average()}
+        write_results("muon_vs_adamw", meta, payload["results"], out=path)
+        return
     tokens_per_step = 16 * 128  # tiny.yaml: 16 sequences of 128 tokens, no accumulation
     common = [
         f"--trainer.max_steps={args.max_steps}",
@@ -121,6 +209,9 @@ def main() -> None:
     for name, lr in plan:
         arms.append(run_arm(name, lr, common))
         summary = summarise(arms, tokens_per_step)  # written after every arm: a cut-short sweep still reports
+        if len(arms) == len(plan):
+            timing = interleaved_step_times(timing_lr, args.timing_rounds, 10)
+            summary["interleaved_timing"] = {"muon_lr": timing_lr, **timing}
         results = {
             "config": "configs/gpt2/tiny.yaml",
             "max_steps": args.max_steps,

@@ -336,3 +336,19 @@ def test_profiler_window_writes_trace_and_module_table(tmp_path):
 def test_profiler_rejects_bad_window():
     with pytest.raises(ValueError, match="active"):
         StepWindowProfiler(active=0)
+
+
+def test_async_snapshot_keeps_tied_weights_one_tensor(tmp_path):
+    from callbacks.checkpoint_io import AsyncAtomicCheckpointIO, AtomicCheckpointIO
+
+    shared = torch.randn(64, 32)
+    state = {"state_dict": {"wte.weight": shared, "lm_head.weight": shared, "other": torch.randn(3)}}
+    io = AsyncAtomicCheckpointIO()
+    io.save_checkpoint(state, tmp_path / "async.ckpt")
+    io.teardown()
+    AtomicCheckpointIO().save_checkpoint(state, tmp_path / "sync.ckpt")
+    loaded = torch.load(tmp_path / "async.ckpt", weights_only=True)["state_dict"]
+    assert loaded["wte.weight"].data_ptr() == loaded["lm_head.weight"].data_ptr()  # still one storage
+    assert torch.equal(loaded["wte.weight"], shared)
+    async_size, sync_size = (tmp_path / "async.ckpt").stat().st_size, (tmp_path / "sync.ckpt").stat().st_size
+    assert abs(async_size - sync_size) < 1024  # not a second copy of the 8 KiB matrix

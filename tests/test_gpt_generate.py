@@ -8,11 +8,13 @@ import itertools
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
+from callbacks.prediction_writer import TextPredictionWriter
 from datamodules.tokenizer import ByteTokenizer
 from lightning_modules.common.targets import load_target_model
 from lightning_modules.gpt import GPT, GPTConfig
@@ -30,6 +32,15 @@ COMBOS = [
         [4, 2, 1], [False, True], WINDOWS, [False, True], ["sdpa", "math"]
     )
 ]
+MODERN = dict(norm="rmsnorm", mlp="swiglu", bias=False)  # switches outside attention, once
+COMBOS.append(dict(n_kv_head=2, rope=True, qk_norm=True, attn_backend="sdpa", **MODERN))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread (conftest restores the count): the models are tiny, and on a busy machine a second
+    thread only adds waiting."""
+    torch.set_num_threads(1)
 
 
 def combo_id(switches: dict) -> str:
@@ -39,7 +50,10 @@ def combo_id(switches: dict) -> str:
         if "sliding_window" in switches
         else []
     )
-    return "-".join(parts + (["qknorm"] if switches["qk_norm"] else []) + [switches["attn_backend"]])
+    parts += ["qknorm"] if switches["qk_norm"] else []
+    return "-".join(
+        parts + (["rmsnorm-swiglu-nobias"] if "norm" in switches else []) + [switches["attn_backend"]]
+    )
 
 
 def sharp_model(seed: int = 0, **switches) -> GPT:
@@ -298,3 +312,28 @@ def test_generate_command_in_a_subprocess(byte_run):
     ids = model.generate(torch.tensor([tokenizer.encode("import ")]), 30, temperature=0)
     assert done.stdout == tokenizer.decode(ids[0].tolist()) + "\n"
     assert "30 tokens in" in done.stderr and "KV cache on" in done.stderr
+
+
+def fake_trainer(log_dir: Path, dataloaders: int) -> SimpleNamespace:
+    """What TextPredictionWriter reads of a Trainer, in one process."""
+    return SimpleNamespace(
+        predict_loop=SimpleNamespace(num_dataloaders=dataloaders),
+        world_size=1,
+        is_global_zero=True,
+        logger=SimpleNamespace(log_dir=str(log_dir)),
+        default_root_dir=str(log_dir),
+    )
+
+
+def test_prediction_writer_orders_by_dataset_index(tmp_path):
+    writer = TextPredictionWriter()
+    # one dataloader: batches of texts with the dataset indices Lightning recorded for them
+    writer.write_on_epoch_end(fake_trainer(tmp_path, 1), None, [["c", "a"], "b"], [[[2, 0], [1]]])
+    assert (tmp_path / "predictions.txt").read_text() == (
+        "=== prediction 0 ===\na\n\n=== prediction 1 ===\nb\n\n=== prediction 2 ===\nc\n"
+    )
+    # two dataloaders, indices unknown (counted in order), a tensor output written as its token ids
+    writer.write_on_epoch_end(fake_trainer(tmp_path, 2), None, [["x"], [torch.tensor([[1, 2]])]], [[], []])
+    assert writer.path.read_text() == "=== prediction 0.0 ===\nx\n\n=== prediction 1.0 ===\n[1, 2]\n"
+    with pytest.raises(ValueError, match="plain file name"):
+        TextPredictionWriter("runs/out.txt")

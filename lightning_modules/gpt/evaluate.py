@@ -15,26 +15,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from callbacks.multiple_choice import load_examples, score_examples
 from lightning_modules.common.compat import check_data_fits
+from lightning_modules.common.devices import resolve_device
 from lightning_modules.common.targets import load_target_model
 from lightning_modules.common.user_errors import HINT, describe, first_user_error
 from lightning_modules.gpt.run_artifacts import tokenizer_from_checkpoint
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' (CUDA when available, else the CPU) or a torch device name; ValueError for an unusable one."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"--device {name!r} is not a device; valid: auto, cpu, cuda, cuda:N") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name!r}: CUDA is not available here; valid: auto, cpu")
-    return device
 
 
 def evaluate(

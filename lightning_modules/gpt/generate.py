@@ -1,6 +1,6 @@
 """Continue a prompt with a trained GPT, printing the text as it is produced:
 
-    python -m lightning_modules.gpt.generate --ckpt_path CKPT --prompt TEXT --max_new_tokens N \
+    python -m lightning_modules.gpt.generate --ckpt_path CKPT --prompt TEXT --max_new_tokens N
         [--temperature T] [--top_k K] [--seed S] [--tokenizer NAME] [--device auto] [--no_cache]
 
 CKPT is one of our `.ckpt` files (or a local `transformers` GPT-2 directory). The tokenizer is the run's own,
@@ -24,6 +24,7 @@ import torch
 
 from datamodules.tokenizer import BPETokenizer, ByteTokenizer, HFTokenizer, TextTokenizer
 from lightning_modules.common.compat import check_data_fits
+from lightning_modules.common.devices import resolve_device
 from lightning_modules.common.targets import load_target_model
 from lightning_modules.common.user_errors import HINT, describe, first_user_error
 from lightning_modules.gpt.model import GPT
@@ -65,19 +66,6 @@ class StreamingDecoder:
     def finish(self) -> str:
         """Whatever was held back."""
         return self._new_text(final=True)
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' (CUDA when available, else the CPU) or a torch device name; ValueError for an unusable one."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"--device {name!r} is not a device; valid: auto, cpu, cuda, cuda:N") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name!r}: CUDA is not available here; valid: auto, cpu")
-    return device
 
 
 def load_tokenizer(spec: str | None, ckpt_path: str, vocab_size: int) -> TextTokenizer:

@@ -438,13 +438,14 @@ class GPT(nn.Module):
     # --- interop with transformers ---------------------------------------------------------------
     @classmethod
     def from_hf(cls, model_or_path: Any, **overrides: Any) -> GPT:
-        """Build a GPT from a `transformers` GPT2LMHeadModel (in memory) or a local directory."""
+        """Build a GPT from a `transformers` GPT2LMHeadModel / LlamaForCausalLM (in memory) or a local directory."""
         from lightning_modules.gpt.hf import gpt_from_hf
 
         return gpt_from_hf(model_or_path, **overrides)
 
     def to_hf(self) -> Any:
-        """An equivalent `transformers` GPT2LMHeadModel (baseline GPT-2 architecture only)."""
+        """An equivalent `transformers` model: GPT2LMHeadModel for the GPT-2 switches, LlamaForCausalLM for
+        RoPE + RMSNorm + SwiGLU; ValueError naming any switch neither layout has (see hf.layout_problems)."""
         from lightning_modules.gpt.hf import gpt_to_hf
 
         return gpt_to_hf(self)

@@ -47,7 +47,7 @@ class GPTLightningModule(pl.LightningModule):
     Args:
         config: the model's architecture; `vocab_size` is replaced by the linked DataModule's.
         vocab_size: tokens produced by the data (linked from `data.vocab_size` by train.py).
-        init_from: start from weights: a local `transformers` GPT-2 directory or one of our `.ckpt` files;
+        init_from: start from weights: a local `transformers` GPT-2 / Llama directory or one of our `.ckpt` files;
             the architecture then comes from those weights, not from `config`.
         optimizer: an optimizer factory (LightningCLI `OptimizerCallable`; default AdamW lr 6e-4, betas
             (0.9, 0.95), weight decay 0.1); weight decay applies only to tensors with 2+ dims; fused on CUDA.
