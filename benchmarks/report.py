@@ -448,6 +448,19 @@ def render_muon_vs_adamw(payload: Payload) -> list[str]:
                 _ratio(arm["step_time_ratio"], ".3f"),
             ]
         )
+    timing = r.get("interleaved_timing")
+    if timing:
+        rounds = timing["ratio_rounds"]
+        body.append(
+            [
+                f"interleaved step timing, Muon lr {timing['muon_lr']:g} (plain loop, {timing['rounds']} rounds)",
+                "",
+                "",
+                "",
+                f"{timing['adamw_step_s']:.3f} / {timing['muon_step_s']:.3f} s",
+                f"{_ratio(timing['ratio_median'], '.3f')} ({min(rounds):.2f}-{max(rounds):.2f})",
+            ]
+        )
     planned = [lr for lr in r.get("muon_lrs_planned", []) if lr not in {a["muon_lr"] for a in arms}]
     tail = ["", f"Planned but not run: Muon lr {', '.join(f'{lr:g}' for lr in planned)}."] if planned else []
     return [head, ""] + _table(header, ["---", "---:", "---:", "---:", "---:", "---:"], body) + tail

@@ -86,3 +86,27 @@ def test_schedule_warms_up_then_decays_to_the_floor_over_the_run_or_lr_decay_ste
 def test_bad_schedule_arguments_name_themselves(args, match):
     with pytest.raises(ValueError, match=match):
         check_schedule_args(*args)
+
+
+def test_fused_is_requested_on_cuda_through_a_cli_made_factory():
+    from functools import partial
+
+    from lightning_modules.common.optim import build_optimizer
+
+    seen = {}
+
+    class SpyAdamW(torch.optim.AdamW):
+        def __init__(self, params, lr=1e-3, fused=None, **kw):
+            seen["fused"] = fused
+            super().__init__(params, lr=lr, **kw)
+
+    def instantiate(cls, *args, **kwargs):  # the shape of jsonargparse's OptimizerCallable partial
+        return cls(*args, **kwargs)
+
+    params = [nn.Parameter(torch.zeros(2))]
+    build_optimizer(partial(instantiate, SpyAdamW, lr=0.1, fused=None), [{"params": params}], on_cuda=True)
+    assert seen["fused"] is True
+    build_optimizer(partial(instantiate, SpyAdamW, lr=0.1, fused=False), [{"params": params}], on_cuda=True)
+    assert seen["fused"] is False  # the user's explicit choice stays
+    build_optimizer(partial(instantiate, SpyAdamW, lr=0.1, fused=None), [{"params": params}], on_cuda=False)
+    assert seen["fused"] is None

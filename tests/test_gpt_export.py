@@ -324,7 +324,7 @@ def test_main_says_what_it_used_and_returns_zero(bpe_run, tmp_path, capsys) -> N
     out = capsys.readouterr().out
     assert "GPT2LMHeadModel" in out and "byte-level BPE" in out and "model.safetensors" in out
     assert "the tokenizer saved in the checkpoint" in out and "logits max |diff|" in out
-    assert main(["--ckpt_path", str(bpe_run[1]), "--out_dir", str(tmp_path / "out")]) == 1
+    assert main(["--ckpt_path", str(bpe_run[1]), "--out_dir", str(tmp_path / "out")]) == 2
     assert "is not empty" in capsys.readouterr().err
     assert main(["--ckpt_path", str(bpe_run[1]), "--out_dir", str(tmp_path / "out"), "--overwrite"]) == 0
 

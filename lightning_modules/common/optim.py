@@ -47,16 +47,29 @@ def decay_param_groups(named_params: Iterable[tuple[str, nn.Parameter]]) -> list
     return groups
 
 
+def optimizer_class(factory: Any) -> type | None:
+    """The optimizer class a factory builds: the factory itself, a partial's function, or (jsonargparse's
+    OptimizerCallable: a partial of its instantiator) the class among the partial's arguments."""
+    if inspect.isclass(factory):
+        return factory
+    if isinstance(factory, partial):
+        for candidate in (factory.func, *factory.args):
+            if inspect.isclass(candidate) and issubclass(candidate, torch.optim.Optimizer):
+                return candidate
+    return None
+
+
 def build_optimizer(
     factory: OptimizerFactory, groups: list[dict[str, Any]], on_cuda: bool
 ) -> torch.optim.Optimizer:
     """Call the (CLI-provided) optimizer factory; ask for the fused kernel on CUDA when it exists.
 
-    `OptimizerCallable` from LightningCLI is a partial of the optimizer class, so a `fused` keyword can be
-    added unless the user set it already."""
-    target = factory.func if isinstance(factory, partial) else factory
-    accepts_fused = inspect.isclass(target) and "fused" in inspect.signature(target).parameters
-    already_set = isinstance(factory, partial) and "fused" in factory.keywords
+    LightningCLI's `OptimizerCallable` is a partial (of jsonargparse's instantiator and the optimizer class)
+    that carries every init argument, `fused=None` included: a `fused` keyword is added unless the user set
+    it to True or False."""
+    cls = optimizer_class(factory)
+    accepts_fused = cls is not None and "fused" in inspect.signature(cls).parameters
+    already_set = isinstance(factory, partial) and factory.keywords.get("fused") is not None
     if on_cuda and accepts_fused and not already_set:
         return factory(groups, fused=True)
     return factory(groups)
@@ -209,8 +222,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
     One optimizer object: `param_groups` are the inner optimizers' own group dicts (Muon's first), so the
     shared LR schedule scales both peaks (`lr`, `adamw_lr`) alike and gradient clipping and accumulation
     see every parameter; `state_dict` holds both states. `row_splits` (name -> row-block sizes) has Muon
-    orthogonalise a fused matrix block by block: `configure_optimizer` passes the GPT's fused QKV as its
-    q, k and v blocks, as modded-nanogpt and nanochat do with separate q, k, v matrices."""
+    orthogonalise a fused matrix block by block: `configure_optimizer` sets it to the GPT's fused QKV split
+    into its q, k and v blocks, as modded-nanogpt and nanochat orthogonalise separate q, k, v matrices."""
 
     def __init__(
         self,

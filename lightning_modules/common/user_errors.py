@@ -10,7 +10,11 @@ import dataclasses
 import difflib
 import importlib
 import inspect
+import os
 import re
+import sys
+from collections.abc import Callable
+from typing import Any
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -122,3 +126,18 @@ def first_user_error(err: BaseException) -> BaseException | None:
             return current
         current = current.__cause__ or current.__context__
     return None
+
+
+def run_reporting_user_errors(action: Callable[[], Any], debug: bool = False) -> tuple[bool, Any]:
+    """(True, action()) or, on a user error, print its short message and the --debug hint and return
+    (False, None); with debug (or LMC_DEBUG=1) the error propagates with its traceback. The commands
+    (export, generate, evaluate) share this with train.py's main."""
+    debug = debug or os.environ.get("LMC_DEBUG", "") not in ("", "0")
+    try:
+        return True, action()
+    except Exception as err:  # noqa: BLE001 - only user errors are summarised; the rest re-raise
+        user_error = first_user_error(err)
+        if debug or user_error is None:
+            raise
+        print(f"{describe(user_error)}\n{HINT}", file=sys.stderr)
+        return False, None

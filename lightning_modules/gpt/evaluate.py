@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from callbacks.multiple_choice import load_examples, score_examples
 from lightning_modules.common.compat import check_data_fits
 from lightning_modules.common.devices import resolve_device
 from lightning_modules.common.targets import load_target_model
-from lightning_modules.common.user_errors import HINT, describe, first_user_error
+from lightning_modules.common.user_errors import run_reporting_user_errors
 from lightning_modules.gpt.run_artifacts import tokenizer_from_checkpoint
 
 
@@ -88,16 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the evaluation; 0 on success, 2 with a short message on a user error (bad file, checkpoint, value)."""
     args = build_parser().parse_args(argv)
-    debug = args.debug or os.environ.get("LMC_DEBUG", "") not in ("", "0")
-    try:
-        result = evaluate(
+    ok, result = run_reporting_user_errors(
+        lambda: evaluate(
             args.ckpt_path, args.data, args.max_examples, args.batch_size, args.device, args.separator
-        )
-    except Exception as err:  # noqa: BLE001 - only user errors are summarised; the rest re-raise
-        user_error = first_user_error(err)
-        if debug or user_error is None:
-            raise
-        print(f"{describe(user_error)}\n{HINT}", file=sys.stderr)
+        ),
+        args.debug,
+    )
+    if not ok:
         return 2
     n = result["examples"]
     print(f"{result['data']}: {n} examples, checkpoint {result['ckpt_path']} ({result['tokenizer']})")

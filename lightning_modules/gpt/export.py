@@ -22,7 +22,6 @@ import inspect
 import json
 import pickle
 import sys
-import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -555,23 +554,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the export; a user error prints a short message and returns 1."""
-    from lightning_modules.common.user_errors import HINT, USER_ERRORS, describe
+    """Run the export; a user error prints a short message and returns 2."""
+    from lightning_modules.common.user_errors import run_reporting_user_errors
 
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the summary lines say what happened
-    try:
-        export(args.ckpt_path, args.out_dir, args.tokenizer, args.config, args.overwrite)
-    except USER_ERRORS as err:
-        if args.debug:
-            traceback.print_exc()
-        print(describe(err), file=sys.stderr)
-        if not args.debug:
-            print(HINT, file=sys.stderr)
-        return 1
-    return 0
+    ok, _ = run_reporting_user_errors(
+        lambda: export(args.ckpt_path, args.out_dir, args.tokenizer, args.config, args.overwrite), args.debug
+    )
+    return 0 if ok else 2
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ go to stderr.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ from datamodules.tokenizer import BPETokenizer, ByteTokenizer, HFTokenizer, Text
 from lightning_modules.common.compat import check_data_fits
 from lightning_modules.common.devices import resolve_device
 from lightning_modules.common.targets import load_target_model
-from lightning_modules.common.user_errors import HINT, describe, first_user_error
+from lightning_modules.common.user_errors import run_reporting_user_errors
 from lightning_modules.gpt.model import GPT
 from lightning_modules.gpt.run_artifacts import tokenizer_from_checkpoint
 
@@ -178,25 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Generate and stream the text; 0 on success, 2 with a short message on a user error."""
     args = build_parser().parse_args(argv)
-    debug = args.debug or os.environ.get("LMC_DEBUG", "") not in ("", "0")
-    try:
-        _, count, seconds = generate_text(
-            args.ckpt_path,
-            args.prompt,
-            args.max_new_tokens,
-            args.temperature,
-            args.top_k or None,
-            args.seed,
-            args.tokenizer,
-            args.device,
-            use_cache=not args.no_cache,
-        )
-    except Exception as err:  # noqa: BLE001 - only user errors are summarised; the rest re-raise
-        user_error = first_user_error(err)
-        if debug or user_error is None:
-            raise
-        print(f"{describe(user_error)}\n{HINT}", file=sys.stderr)
+    ok, result = run_reporting_user_errors(
+        lambda: generate_text(
+            args.ckpt_path, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None, args.seed,
+            args.tokenizer, args.device, use_cache=not args.no_cache,
+        ),
+        args.debug,
+    )  # fmt: skip
+    if not ok:
         return 2
+    _, count, seconds = result
     rate = count / seconds if seconds > 0 else float("inf")
     cache = "off" if args.no_cache else "on"
     print(f"[{count} tokens in {seconds:.2f} s, {rate:.1f} tokens/s, KV cache {cache}]", file=sys.stderr)
