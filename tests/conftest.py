@@ -23,3 +23,12 @@ def _restore_env_and_process_group():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def hf_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing may reach the Hugging Face hub (the env var for new readers, the constant for loaded ones)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

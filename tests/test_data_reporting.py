@@ -26,13 +26,7 @@ from tests.helpers.trainers import quiet_trainer
 GPT_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "gpt2").glob("*.yaml"))
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Nothing here may reach the Hugging Face hub."""
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+pytestmark = pytest.mark.usefixtures("hf_offline")  # nothing here may reach the Hugging Face hub
 
 
 class _Lines(logging.Handler):

@@ -17,14 +17,7 @@ import datamodules.text as text_module
 from datamodules import TextDataModule, default_corpus_files
 from tests.helpers.text import make_text
 
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Nothing here may reach the Hugging Face hub."""
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+pytestmark = pytest.mark.usefixtures("hf_offline")  # nothing here may reach the Hugging Face hub
 
 
 @pytest.fixture
