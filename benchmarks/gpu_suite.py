@@ -335,25 +335,31 @@ def run_npt_layer(ctx: Context) -> dict[str, Any]:
     }
 
 
-def train_py(cwd: Path, *args: str, timeout: float = 600) -> str:
-    """Run `python train.py ARGS` in cwd; its output (stdout + stderr); RuntimeError with the tail on failure.
-    LMC_DEBUG=1: an error ends with its traceback, not train.py's short user message."""
-    cwd.mkdir(parents=True, exist_ok=True)
+def _run_python(script: Path, args: tuple[str, ...], timeout: float, **kwargs: Any) -> str:
+    """Run `python SCRIPT ARGS` (kwargs: cwd, env); its output (stdout + stderr), printed; RuntimeError with
+    the tail on failure."""
     done = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd,
-        env={**os.environ, "LMC_DEBUG": "1"},
+        [sys.executable, str(script), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         timeout=timeout,
+        **kwargs,
     )
     print(done.stdout[-4000:], flush=True)
     if done.returncode != 0:
+        shown = " ".join(args[:5])
         raise RuntimeError(
-            f"train.py {' '.join(args[:5])} ... exited {done.returncode}:\n{done.stdout[-3000:]}"
+            f"{script.relative_to(ROOT)} {shown} ... exited {done.returncode}:\n{done.stdout[-3000:]}"
         )
     return done.stdout
+
+
+def train_py(cwd: Path, *args: str, timeout: float = 600) -> str:
+    """Run `python train.py ARGS` in cwd; its output (stdout + stderr); RuntimeError with the tail on failure.
+    LMC_DEBUG=1: an error ends with its traceback, not train.py's short user message."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    return _run_python(ROOT / "train.py", args, timeout, cwd=cwd, env={**os.environ, "LMC_DEBUG": "1"})
 
 
 def data_args(ctx: Context, block_size: int, batch_size: int) -> list[str]:
@@ -467,16 +473,7 @@ def run_fsdp(ctx: Context) -> dict[str, Any]:
 
 def _script(name: str, *args: str, timeout: float = 600) -> None:
     """Run benchmarks/<name>.py ARGS; RuntimeError with the tail of its output on failure."""
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=timeout,
-    )
-    print(done.stdout[-4000:], flush=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"benchmarks/{name}.py exited {done.returncode}:\n{done.stdout[-3000:]}")
+    _run_python(ROOT / "benchmarks" / f"{name}.py", args, timeout)
 
 
 def run_spd_speed(ctx: Context) -> dict[str, Any]:
