@@ -61,7 +61,9 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def _table(header: list[str], align: list[str], rows: Iterable[list[str]]) -> list[str]:
+def _table(header: list[str], align: list[str] | None, rows: Iterable[list[str]]) -> list[str]:
+    """A markdown table; align None: the first column left, the rest right (figures)."""
+    align = ["---"] + ["---:"] * (len(header) - 1) if align is None else align
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
@@ -212,7 +214,7 @@ def render_spd_speed(payload: Payload) -> list[str]:
         f"{r['steps']} steps per process, median over {r['rounds']} interleaved rounds, each (config, "
         "implementation) in its own process; speed-up against naive in brackets."
     )
-    return [head, ""] + _table(header, ["---"] + ["---:"] * (len(header) - 1), body)
+    return [head, ""] + _table(header, None, body)
 
 
 NPT_COMPONENT_LABELS = {
@@ -250,7 +252,7 @@ def render_npt_component(payload: Payload) -> list[str]:
         f"{r['seq']}; {r['dtype']} on {r['device']}, {r['threads']} thread(s); medians of {r['repeats']} "
         f"interleaved rounds; NP parameters {r['np_param_mib']:.1f} MiB."
     )
-    lines = [head, ""] + _table(header, ["---"] + ["---:"] * (len(header) - 1), body)
+    lines = [head, ""] + _table(header, None, body)
     init = [
         f"- building the k components at the {shape} shape: "
         f"{t['vectorised'] * 1e3:.0f} ms vectorised (ours), "
@@ -287,7 +289,7 @@ def render_npt_layer(payload: Payload) -> list[str]:
         f"{r['threads']} thread(s); medians of {r['repeats']} interleaved rounds; NP parameters "
         f"{r['np_params'] / 1e6:.2f}M against the layer's {r['layer_params'] / 1e6:.2f}M."
     )
-    return [head, ""] + _table(header, ["---"] + ["---:"] * (len(header) - 1), body)
+    return [head, ""] + _table(header, None, body)
 
 
 def render_checkpoint_stall(payload: Payload) -> list[str]:
@@ -337,7 +339,7 @@ def render_checkpoint_stall(payload: Payload) -> list[str]:
         ]
         lines += _table(
             ["writer", "ms per save", "peak RSS growth MiB"],
-            ["---", "---:", "---:"],
+            None,
             [
                 [name, f"{row['save_s'] * 1e3:.1f}", f"{row['peak_rss_growth_mib']:.0f}"]
                 for name, row in w["writers"].items()
@@ -386,7 +388,7 @@ def render_tokenize_speed(payload: Payload) -> list[str]:
                 f"{row['tokens_per_cpu_s']:,.0f}",
             ]
         )
-    return [head, ""] + _table(header, ["---"] + ["---:"] * (len(header) - 1), body)
+    return [head, ""] + _table(header, None, body)
 
 
 def render_generate_speed(payload: Payload) -> list[str]:
@@ -463,7 +465,7 @@ def render_muon_vs_adamw(payload: Payload) -> list[str]:
         )
     planned = [lr for lr in r.get("muon_lrs_planned", []) if lr not in {a["muon_lr"] for a in arms}]
     tail = ["", f"Planned but not run: Muon lr {', '.join(f'{lr:g}' for lr in planned)}."] if planned else []
-    return [head, ""] + _table(header, ["---", "---:", "---:", "---:", "---:", "---:"], body) + tail
+    return [head, ""] + _table(header, None, body) + tail
 
 
 RENDERERS: dict[str, Callable[[Payload], list[str]]] = {
