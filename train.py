@@ -40,7 +40,7 @@ from callbacks.checkpoint_io import load_checkpoint_file
 from callbacks.checkpoints import BestCheckpoint, PeriodicCheckpoint
 from callbacks.console import QuietModelSummary, RunReport, StepProgressBar, quiet_lightning_notices
 from lightning_modules.common.optim import check_optimizer_strategy
-from lightning_modules.common.user_errors import HINT, describe, describe_parser_error, first_user_error
+from lightning_modules.common.user_errors import describe_parser_error, run_reporting_user_errors
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -267,18 +267,10 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> CollectionCLI:
 
 def main() -> int:
     """Run the CLI on sys.argv; a user error prints a short message (the traceback with --debug)."""
-    debug = "--debug" in sys.argv or os.environ.get("LMC_DEBUG", "") not in ("", "0")
+    debug = "--debug" in sys.argv
     sys.argv = [a for a in sys.argv if a != "--debug"]
-    try:
-        cli_main()
-    except Exception as err:  # noqa: BLE001 - only user errors are summarised; the rest re-raise
-        user_error = err if isinstance(err, ConfigError) else first_user_error(err)
-        if debug or user_error is None:
-            raise
-        text = str(user_error) if isinstance(user_error, ConfigError) else describe(user_error)
-        print(f"{text}\n{HINT}", file=sys.stderr)
-        return 2
-    return 0
+    ok, _ = run_reporting_user_errors(cli_main, debug)
+    return 0 if ok else 2
 
 
 if __name__ == "__main__":

@@ -107,13 +107,12 @@ def describe_parser_error(message: str, option_names: list[str] | None = None) -
 
 
 def describe(err: BaseException) -> str:
-    """The message of a user error, first line prefixed with 'error: ' (at most a few lines)."""
+    """The message of a user error, first line prefixed with 'error: ' (at most a few lines); a message
+    already summarised that way (train.py's parser errors) is kept as it is."""
     text = str(err).strip() or type(err).__name__
     if isinstance(err, ModuleNotFoundError) and err.name:
         text = f"the optional package {err.name!r} is not installed ({text})"
-    if isinstance(err, KeyError):
-        text = text.strip("'\"")
-    return f"error: {text}"
+    return text if text.startswith("error: ") else f"error: {text}"
 
 
 def first_user_error(err: BaseException) -> BaseException | None:
