@@ -28,15 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # python benchmark
 import torch  # noqa: E402
 
 from benchmarks.results import run_metadata, write_results  # noqa: E402
+from benchmarks.timing import sync  # noqa: E402
 from lightning_modules.gpt import GPT, GPTConfig  # noqa: E402
 
 TINY = dict(n_layer=4, n_head=4, n_embd=128, vocab_size=4096)  # configs/gpt2/tiny.yaml's model and BPE size
 CONTEXTS = {"long": 1024, "tiny": 256}  # block_size of each setting
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed_generate(

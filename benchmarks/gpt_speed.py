@@ -33,6 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.proc_memory import proc_status_bytes, reset_peak_rss  # noqa: E402
 from benchmarks.results import run_metadata, write_results  # noqa: E402
+from benchmarks.timing import sync  # noqa: E402
 from callbacks.throughput import peak_flops_for  # noqa: E402
 from lightning_modules.common.optim import decay_param_groups, warmup_cosine_lambda  # noqa: E402
 from lightning_modules.gpt import GPT, GPTConfig, GPTLightningModule  # noqa: E402
@@ -109,11 +110,6 @@ def synthetic_batches(
         data = torch.randint(0, vocab, (batch, seq + 1), generator=g)
         out.append((data[:, :-1].contiguous(), data[:, 1:].contiguous()))
     return out
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def autocast(device: torch.device, precision: str):

@@ -55,6 +55,7 @@ sys.path.insert(0, str(ROOT))  # python benchmarks/gpu_suite.py
 import torch  # noqa: E402
 
 from benchmarks.results import RESULTS_DIR, run_metadata, write_results  # noqa: E402
+from benchmarks.timing import sync  # noqa: E402
 
 CONFIGS = ROOT / "configs"
 SUITE_BUDGET_S = 460.0  # install + every check, under 8 minutes on one H100/H200 (a kill takes <= 10 s)
@@ -178,11 +179,6 @@ def gpt_setup(ctx: Context, name: str) -> tuple[Any, int, int]:
     return GPTConfig(**fields), batch, accumulate
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def train_tokens_per_s(
     ctx: Context, config: Any, batch: int, accumulate: int, steps: int, compile_model: bool
 ) -> dict[str, Any]:
@@ -203,7 +199,7 @@ def train_tokens_per_s(
         def on_train_batch_end(self, trainer, pl_module, outputs, batch_, batch_idx) -> None:
             self.seen += 1
             if self.seen in (accumulate, total):
-                _sync(pl_module.device)
+                sync(pl_module.device)
                 now = time.perf_counter()
                 self.start, self.end = (now, self.end) if self.seen == accumulate else (self.start, now)
 
@@ -555,10 +551,10 @@ def compare_backends(ctx: Context, backend: str, reference: str = "sdpa", steps:
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(steps):
         for name, model in models.items():  # interleaved
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             step(model)
-            _sync(device)
+            sync(device)
             times[name].append(time.perf_counter() - t0)
     tps = {name: batch * config.block_size / statistics.median(t[2:]) for name, t in times.items()}
     diff = abs(losses[backend] - losses[reference])

@@ -31,6 +31,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.results import cpu_model, run_metadata, write_results  # noqa: E402
+from benchmarks.timing import sync  # noqa: E402
 from lightning_modules.npt.components import NPComponent  # noqa: E402
 
 SHAPES: dict[str, dict[str, int]] = {
@@ -81,20 +82,15 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _measure(fn: Callable[[], Any], device: torch.device) -> tuple[float, float | None]:
     """Seconds and (CUDA) peak bytes above the baseline for one call."""
     if device.type == "cuda":
-        _sync(device)
+        sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     t0 = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None
     return dt, peak
