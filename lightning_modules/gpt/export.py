@@ -30,10 +30,11 @@ from typing import Any
 import torch
 
 from datamodules.text import TextDataModule
-from datamodules.tokenizer import BPETokenizer, ByteTokenizer, HFTokenizer, tokenizer_from_state
+from datamodules.tokenizer import ByteTokenizer, HFTokenizer, tokenizer_from_state
 from lightning_modules.gpt.config import TRAINING_ONLY_FIELDS, GPTConfig
 from lightning_modules.gpt.hf import gpt_to_hf, hf_layout
 from lightning_modules.gpt.model import GPT
+from lightning_modules.gpt.run_artifacts import bpe_from_file, tokenizer_from_spec
 
 LOGIT_TOLERANCE = 1e-4  # float32 logits of the exported model may differ from ours by at most this
 # What the export checks the tokenizer and the logits on: code, unicode and runs of whitespace.
@@ -268,15 +269,6 @@ def _data_vocab_size(data_args: Mapping[str, Any]) -> int:
     return vocab_size
 
 
-def _bpe_from_file(path: Path, vocab_size: int) -> Any:
-    from tokenizers import Tokenizer
-
-    try:
-        return BPETokenizer(Tokenizer.from_file(str(path)), vocab_size)
-    except Exception as err:  # tokenizers raises its own Exception type for a bad file
-        raise ValueError(f"{str(path)!r} is not a tokenizers JSON file ({err})") from err
-
-
 def _cache_roots(cache_dir: str, ckpt_path: Path) -> list[Path]:
     """Where a relative cache_dir may be: the working directory, then the checkpoint's parent folders."""
     path = Path(cache_dir).expanduser()
@@ -319,30 +311,6 @@ def _run_bpe_path(data_args: Mapping[str, Any], ckpt_path: Path) -> Path:
     )
 
 
-def tokenizer_from_spec(spec: str, vocab_size: int) -> tuple[Any, str]:
-    """(TextTokenizer, how it was found) for --tokenizer: 'bytes', a tokenizer.json, a directory holding
-    one of ours or a transformers tokenizer, or a transformers hub name."""
-    if spec == "bytes":
-        return ByteTokenizer(), "--tokenizer bytes"
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return _bpe_from_file(path, vocab_size), f"--tokenizer {spec!r}"
-    if path.is_dir():
-        if (path / "tokenizer_config.json").is_file():
-            return HFTokenizer(str(path)), f"--tokenizer {spec!r} (a transformers tokenizer directory)"
-        if (path / "tokenizer.json").is_file():
-            return _bpe_from_file(path / "tokenizer.json", vocab_size), f"--tokenizer {spec!r}"
-        raise FileNotFoundError(
-            f"--tokenizer {spec!r} is a directory without tokenizer.json or tokenizer_config.json"
-        )
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec:  # not a hub id
-        raise FileNotFoundError(
-            f"--tokenizer {spec!r} does not exist; valid: 'bytes', a tokenizer.json file, a tokenizer "
-            "directory, or a transformers hub name"
-        )
-    return HFTokenizer(spec), f"--tokenizer {spec!r} (transformers)"
-
-
 def run_tokenizer(data_args: Mapping[str, Any], data_from: str, ckpt_path: Path) -> tuple[Any, str]:
     """(TextTokenizer, how it was found) from the run's data settings."""
     name = str(data_args.get("tokenizer", "bpe"))
@@ -350,7 +318,7 @@ def run_tokenizer(data_args: Mapping[str, Any], data_from: str, ckpt_path: Path)
         return ByteTokenizer(), f"data.tokenizer='bytes' from {data_from}"
     if name == "bpe":
         path = _run_bpe_path(data_args, ckpt_path)
-        tokenizer = _bpe_from_file(path, int(data_args.get("bpe_vocab_size", 4096)))
+        tokenizer = bpe_from_file(path, int(data_args.get("bpe_vocab_size", 4096)))
         return tokenizer, f"{str(path)!r}, found from data.tokenizer='bpe' in {data_from}"
     return HFTokenizer(name), f"data.tokenizer={name!r} (transformers) from {data_from}"
 

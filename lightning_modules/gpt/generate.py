@@ -21,13 +21,13 @@ from typing import TextIO
 
 import torch
 
-from datamodules.tokenizer import BPETokenizer, ByteTokenizer, HFTokenizer, TextTokenizer
+from datamodules.tokenizer import HFTokenizer, TextTokenizer
 from lightning_modules.common.compat import check_data_fits
 from lightning_modules.common.devices import resolve_device
 from lightning_modules.common.targets import load_target_model
 from lightning_modules.common.user_errors import run_reporting_user_errors
 from lightning_modules.gpt.model import GPT
-from lightning_modules.gpt.run_artifacts import tokenizer_from_checkpoint
+from lightning_modules.gpt.run_artifacts import tokenizer_from_checkpoint, tokenizer_from_spec
 
 REPLACEMENT = "\ufffd"  # what a decoder writes for an incomplete UTF-8 sequence
 
@@ -74,17 +74,7 @@ def load_tokenizer(spec: str | None, ckpt_path: str, vocab_size: int) -> TextTok
         if Path(ckpt_path).is_dir():
             return HFTokenizer(ckpt_path)
         return tokenizer_from_checkpoint(ckpt_path)
-    if spec == "bytes":
-        return ByteTokenizer()
-    path = Path(spec).expanduser()
-    if path.is_file():
-        if path.suffix != ".json":
-            raise ValueError(
-                f"--tokenizer {spec!r} is a file but not a tokenizer.json; valid: 'bytes', a BPE "
-                "tokenizer.json, a transformers tokenizer directory or hub name"
-            )
-        return BPETokenizer.from_file(path, vocab_size)
-    return HFTokenizer(spec)
+    return tokenizer_from_spec(spec, vocab_size)[0]
 
 
 def generate_text(

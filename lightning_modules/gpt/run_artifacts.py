@@ -30,7 +30,13 @@ from typing import Any
 
 from callbacks.checkpoint_io import load_checkpoint_file
 from datamodules.text import TextDataModule
-from datamodules.tokenizer import TextTokenizer, tokenizer_from_state
+from datamodules.tokenizer import (
+    BPETokenizer,
+    ByteTokenizer,
+    HFTokenizer,
+    TextTokenizer,
+    tokenizer_from_state,
+)
 
 DATAMODULE_KEY = "datamodule_hyper_parameters"  # LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY
 
@@ -90,3 +96,37 @@ def tokenizer_from_checkpoint(ckpt: Checkpoint) -> TextTokenizer:
     if datamodule.tokenizer_name == "bpe":
         datamodule.setup()  # finds the trained BPE in the data cache (or beside a .bin source)
     return datamodule.tokenizer
+
+
+def bpe_from_file(path: Path, vocab_size: int) -> Any:
+    """Our byte-level BPE from a tokenizers JSON file; ValueError naming the file when it is not one."""
+    from tokenizers import Tokenizer
+
+    try:
+        return BPETokenizer(Tokenizer.from_file(str(path)), vocab_size)
+    except Exception as err:  # tokenizers raises its own Exception type for a bad file
+        raise ValueError(f"{str(path)!r} is not a tokenizers JSON file ({err})") from err
+
+
+def tokenizer_from_spec(spec: str, vocab_size: int) -> tuple[Any, str]:
+    """(TextTokenizer, how it was found) for --tokenizer: 'bytes', a tokenizer.json, a directory holding
+    one of ours or a transformers tokenizer, or a transformers hub name."""
+    if spec == "bytes":
+        return ByteTokenizer(), "--tokenizer bytes"
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return bpe_from_file(path, vocab_size), f"--tokenizer {spec!r}"
+    if path.is_dir():
+        if (path / "tokenizer_config.json").is_file():
+            return HFTokenizer(str(path)), f"--tokenizer {spec!r} (a transformers tokenizer directory)"
+        if (path / "tokenizer.json").is_file():
+            return bpe_from_file(path / "tokenizer.json", vocab_size), f"--tokenizer {spec!r}"
+        raise FileNotFoundError(
+            f"--tokenizer {spec!r} is a directory without tokenizer.json or tokenizer_config.json"
+        )
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec:  # not a hub id
+        raise FileNotFoundError(
+            f"--tokenizer {spec!r} does not exist; valid: 'bytes', a tokenizer.json file, a tokenizer "
+            "directory, or a transformers hub name"
+        )
+    return HFTokenizer(spec), f"--tokenizer {spec!r} (transformers)"
