@@ -134,7 +134,14 @@ class GPTLightningModule(pl.LightningModule):
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy; logits (b, s, vocab), targets (b, s); optional per-token clamp."""
-        per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+        return self._clamped_mean(self._token_losses(logits, targets))
+
+    @staticmethod
+    def _token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of every token (b * s,), in float32."""
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+
+    def _clamped_mean(self, per_token: torch.Tensor) -> torch.Tensor:
         if self.hparams.loss_clamp is not None:
             per_token = per_token.clamp(max=self.hparams.loss_clamp)
         return per_token.mean()
@@ -150,13 +157,11 @@ class GPTLightningModule(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         n_tokens = y.numel()
-        logits = self.model(x)
-        mean_loss = self.loss(logits, y)
-        self.val_loss.update(mean_loss, weight=n_tokens)
+        per_token = self._token_losses(self.model(x), y)  # once, for the loss and the bits per byte
+        self.val_loss.update(self._clamped_mean(per_token), weight=n_tokens)
         token_bytes = self._target_token_bytes()
         if token_bytes is not None:
-            nats = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
-            self.val_nats.update(nats)
+            self.val_nats.update(per_token.sum())  # unclamped: bits per byte measure the model itself
             self.val_bytes.update(token_bytes[y].sum())
 
     def _target_token_bytes(self) -> torch.Tensor | None:
