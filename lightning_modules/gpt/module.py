@@ -58,6 +58,8 @@ class GPTLightningModule(pl.LightningModule):
         sample_prompt / sample_tokens / sample_temperature / sample_top_k: the text sample generated and
             logged after each validation (sample_tokens 0 = off); sample_prompt None: the DataModule's
             `sample_prompt()` (a line of the validation data), or a newline when it has none.
+        attention_figures: after each validation, log the attention patterns of the first and last layer's
+            first heads on the first validation sequence (TensorBoard `figures/attention`; gpt/figures.py).
 
     Validation and test log `loss`, `ppl` and, when the DataModule has `token_bytes` (the UTF-8 length of
     each token id), `bpb`: bits per byte, (sum of per-token cross-entropy in nats, not clamped) /
@@ -80,6 +82,7 @@ class GPTLightningModule(pl.LightningModule):
         sample_tokens: int = 128,
         sample_temperature: float = 0.8,
         sample_top_k: int | None = 50,
+        attention_figures: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(config, dict):  # as stored in a checkpoint's hyper_parameters
@@ -100,6 +103,7 @@ class GPTLightningModule(pl.LightningModule):
         self._token_bytes: tuple[torch.Tensor, torch.Tensor] | None = None  # (the data's, on this device)
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long), persistent=True)
         self._compiled = False
+        self._attention_sample: tuple[dict, list[int]] | None = None  # (patterns, token ids), see figures.py
 
     @staticmethod
     def _build_model(config: GPTConfig, vocab_size: int | None, init_from: str | None) -> GPT:
@@ -158,6 +162,11 @@ class GPTLightningModule(pl.LightningModule):
         x, y = batch
         n_tokens = y.numel()
         per_token = self._token_losses(self.model(x), y)  # once, for the loss and the bits per byte
+        if self.hparams.attention_figures and batch_idx == 0 and not self.trainer.sanity_checking:
+            from lightning_modules.gpt.figures import attention_sample
+
+            # on every rank: the extra 1 x 32-token forward may gather sharded weights (FSDP, DeepSpeed)
+            self._attention_sample = attention_sample(self.model, x)
         self.val_loss.update(self._clamped_mean(per_token), weight=n_tokens)
         token_bytes = self._target_token_bytes()
         if token_bytes is not None:
@@ -195,6 +204,7 @@ class GPTLightningModule(pl.LightningModule):
             self.log("val/bpb", bpb, sync_dist=False)
         if not self.trainer.sanity_checking:
             self._log_sample()
+            self._log_attention_figure()
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
@@ -264,6 +274,21 @@ class GPTLightningModule(pl.LightningModule):
         with open(directory / "samples.txt", "a", encoding="utf-8") as f:
             f.write(f"=== step {step} ===\n{text}\n\n")
         log.info("sample at step %d:\n%s", step, text)
+
+    @rank_zero_only
+    def _log_attention_figure(self) -> None:
+        """Attention patterns of a few heads on the first validation sequence (attention_figures)."""
+        if self._attention_sample is None:
+            return
+        from lightning_modules.common.plotting import log_figures
+        from lightning_modules.gpt.figures import attention_figure
+
+        patterns, ids = self._attention_sample
+        self._attention_sample = None
+        decode = getattr(datamodule_of(self), "decode", None)
+        tokens = [decode([t]) for t in ids] if decode is not None else None
+        step = self.trainer.global_step
+        log_figures(self.loggers, {"attention": attention_figure(patterns, tokens, step)}, step)
 
     def measure_flops_per_batch(self, batch: tuple[torch.Tensor, ...]) -> int:
         """Training FLOPs (forward + backward) of one batch, counted on a meta-device copy of the model."""
