@@ -1,19 +1,25 @@
 """SPD training-step speed and peak memory: our implementation vs a naive one of the same method.
 
 Ours: `ComponentModel` with forward hooks registered once, cached frozen target weights, the cache-blocked
-CI MLP (`ScalarMLPFunction`, CPU), the fused KL from logits with the target's softmax prepared once per
-batch, optionally `torch.compile`d CI functions and components. Naive (tests/helpers/spd_naive.py):
-hooks registered and removed on every forward, target weights re-read and copied on every use, einsum
-everywhere under plain autograd, KL through log_softmax with the target's recomputed every term, no
-compile, float32. Both run the same objective (same terms, same order of random draws), so with the same
+CI MLP (`ScalarMLPFunction`, CPU), masked forwards that start from the clean forward's recorded
+activations (a layerwise term of block 3's module skips blocks 0-2) and skip the masked modules' own
+target matmuls, the fused KL from logits with the target's softmax prepared once per batch (its gradient
+formed in the forward, cache-blocked on CPU), optionally `torch.compile`d CI functions and components.
+"ours_no_prefix" is ours without the clean-prefix reuse (`record_clean_prefix=False`: every masked
+forward from the embeddings), to show that part. Naive (tests/helpers/spd_naive.py): hooks registered and
+removed on every forward, target weights re-read and copied on every use, einsum everywhere under plain
+autograd, KL through log_softmax with the target's recomputed every term, no compile, float32. Both run the same objective (same terms, same order of random draws), so with the same
 seed and batch their losses must agree; that is checked before timing.
 
-    python benchmarks/spd_speed.py                       # TMS 5-2 and the tiny LM on CPU (a few minutes)
+    python benchmarks/spd_speed.py                       # TMS 5-2 and the tiny LM on CPU (~10 minutes)
     python benchmarks/spd_speed.py --device cuda --compile
 
-Each (config, implementation) is timed in its own subprocess (peak memory: growth of the peak RSS over
-the RSS before the first step on CPU (VmHWM reset through /proc/self/clear_refs),
-torch.cuda.max_memory_allocated on CUDA). Prints a table, writes benchmarks/results/spd_speed_<device>.json.
+Step times: every implementation in one process, alternating step by step (the order rotating), so that
+the load of a shared machine hits all alike; medians and quartiles, and the quartiles of the ratio of each
+naive step to the ours step next to it. Peak memory: each (config, implementation) alone in its own
+subprocess (growth of the peak RSS over the RSS before the first step on CPU (VmHWM reset through
+/proc/self/clear_refs), torch.cuda.max_memory_allocated on CUDA). Prints a table, writes
+benchmarks/results/spd_speed_<device>.json.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +64,10 @@ def check_equal_losses(name: str, device: str) -> dict[str, float]:
     return diffs
 
 
-def time_one(name: str, impl: str, device: str, steps: int, warmup: int) -> dict[str, float]:
-    """Median step time (forward + backward + AdamW) and peak memory of one implementation."""
+def make_step(name: str, impl: str, device: str) -> Callable[[], None]:
+    """One training step (forward + backward + AdamW) of one implementation on its own model copy."""
     cm, x, loss_type = build(name, device)
+    cm.record_clean_prefix = impl != "ours_no_prefix"
     if impl == "naive":
         model: nn.Module = NaiveSPD(cm)
         params = list(model.V.values()) + list(model.U.values()) + list(model.ci_fns.parameters())
@@ -79,14 +87,21 @@ def time_one(name: str, impl: str, device: str, steps: int, warmup: int) -> dict
             return objective(cm, x, 0.5).total
 
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step() -> None:
         loss = loss_fn()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sync()
 
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return step
+
+
+def time_one(name: str, impl: str, device: str, steps: int, warmup: int) -> dict[str, float]:
+    """Median step time and peak memory of one implementation alone in this process."""
+    step = make_step(name, impl, device)
     if device == "cuda":  # peak growth over the memory held before the first step
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -94,12 +109,10 @@ def time_one(name: str, impl: str, device: str, steps: int, warmup: int) -> dict
         base = reset_peak_rss()
     for _ in range(warmup):
         step()
-    sync()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
-        sync()
         times.append(time.perf_counter() - t0)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
@@ -108,15 +121,39 @@ def time_one(name: str, impl: str, device: str, steps: int, warmup: int) -> dict
     return {"step_ms": statistics.median(times) * 1e3, "peak_mib": max(0, peak) / 2**20}
 
 
+def time_interleaved(
+    name: str, impls: list[str], device: str, steps: int, warmup: int
+) -> dict[str, list[float]]:
+    """Step times (ms) of every implementation in one process, alternating step by step (the order
+    rotating), so that changes in the machine's load hit each implementation alike."""
+    step_fns = {impl: make_step(name, impl, device) for impl in impls}
+    for _ in range(warmup):
+        for fn in step_fns.values():
+            fn()
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    for i in range(steps):
+        for impl in impls[i % len(impls) :] + impls[: i % len(impls)]:
+            t0 = time.perf_counter()
+            step_fns[impl]()
+            times[impl].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
+    """(25th percentile, median, 75th percentile)."""
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], q[1], q[2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians reported")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per implementation")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--memory_steps", type=int, default=2, help="steps per peak-memory process")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads on CPU (1: fastest on a shared CPU)"
     )
@@ -128,40 +165,36 @@ def main() -> None:
     if args.child:
         print(json.dumps(time_one(*args.child, args.device, args.steps, args.warmup)))
         return
-    impls = ["naive", "ours"] + (["ours_compile"] if args.compile else [])
+    impls = ["naive", "ours_no_prefix", "ours"] + (["ours_compile"] if args.compile else [])
     meta = run_metadata()
     results: dict[str, Any] = {
         "device": args.device,
         "threads": args.threads,
         "steps": args.steps,
-        "rounds": args.rounds,
+        "warmup": args.warmup,
         "configs": {},
     }
     for name in args.configs:
         row: dict[str, Any] = {"loss_rel_diff": check_equal_losses(name, args.device)}
-        runs: dict[str, list[dict[str, float]]] = {impl: [] for impl in impls}
-        for _ in range(args.rounds):  # interleaved, so load changes hit every implementation alike
-            for impl in impls:
-                cmd = [sys.executable, __file__, "--child", name, impl, "--device", args.device]
-                cmd += [
-                    "--steps",
-                    str(args.steps),
-                    "--warmup",
-                    str(args.warmup),
-                    "--threads",
-                    str(args.threads),
-                ]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-                if out.returncode != 0:
-                    raise RuntimeError(f"{name}/{impl} failed:\n{out.stderr[-3000:]}")
-                runs[impl].append(json.loads(out.stdout.strip().splitlines()[-1]))
-        for impl, rs in runs.items():
-            row[impl] = {k: statistics.median(r[k] for r in rs) for k in rs[0]} | {"rounds": rs}
+        times = time_interleaved(name, impls, args.device, args.steps, args.warmup)
+        for impl in impls:
+            cmd = [sys.executable, __file__, "--child", name, impl, "--device", args.device]
+            cmd += ["--steps", str(args.memory_steps), "--warmup", "1", "--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if out.returncode != 0:
+                raise RuntimeError(f"{name}/{impl} failed:\n{out.stderr[-3000:]}")
+            alone = json.loads(out.stdout.strip().splitlines()[-1])
+            q25, median, q75 = quartiles(times[impl])
+            row[impl] = {"step_ms": median, "q25_ms": q25, "q75_ms": q75, "peak_mib": alone["peak_mib"]}
+            row[impl]["steps_ms"] = times[impl]
+        # the ratio of each naive step to the ours step next to it, so load changes cancel
+        paired = [a / b for a, b in zip(times["naive"], times["ours"])]
         row["speedup"] = row["naive"]["step_ms"] / row["ours"]["step_ms"]
+        row["paired_speedup_quartiles"] = list(quartiles(paired))
         results["configs"][name] = row
     print(
-        f"\nSPD training step on {args.device} ({args.threads} thread(s)): median of {args.steps} steps, "
-        f"median over {args.rounds} interleaved rounds"
+        f"\nSPD training step on {args.device} ({args.threads} thread(s)): median (25th-75th percentile) "
+        f"of {args.steps} steps per implementation, alternating step by step in one process"
     )
     print("| config | implementation | step ms | peak MiB | speed-up vs naive |")
     print("|---|---|---:|---:|---:|")
@@ -169,7 +202,10 @@ def main() -> None:
         for impl in impls:
             r = row[impl]
             speed = row["naive"]["step_ms"] / r["step_ms"]
-            print(f"| {name} | {impl} | {r['step_ms']:.1f} | {r['peak_mib']:.1f} | {speed:.2f}x |")
+            ms = f"{r['step_ms']:.1f} ({r['q25_ms']:.1f}-{r['q75_ms']:.1f})"
+            print(f"| {name} | {impl} | {ms} | {r['peak_mib']:.1f} | {speed:.2f}x |")
+        q = row["paired_speedup_quartiles"]
+        print(f"| {name} | paired naive/ours step ratio | {q[1]:.2f} ({q[0]:.2f}-{q[2]:.2f}) | | |")
         print(f"| {name} | losses equal (max rel. diff) | {max(row['loss_rel_diff'].values()):.1e} | | |")
     write_results(f"spd_speed_{args.device}", meta, results, out=args.out)
 

@@ -248,7 +248,7 @@ def check_results(results: dict, target: Path, expected_c: dict[str, int]) -> No
     assert {name: row["C"] for name, row in results["modules"].items()} == expected_c
     for name, row in results["modules"].items():
         assert 0 <= row["alive_components"] <= row["C"], name
-        assert math.isfinite(row["l0"]) and 0 <= row["l0"] <= row["C"], name
+        assert math.isfinite(row["l0_ci_gt_0"]) and 0 <= row["l0_ci_gt_0"] <= row["C"], name
     lm = results["lm"]
     kinds = ("ci_masked", "unmasked", "stochastic", "rounded", "zero")
     wanted = ["ce_target", *(f"ce_{k}" for k in kinds), *(f"kl_{k}" for k in kinds)]

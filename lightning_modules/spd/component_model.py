@@ -3,13 +3,17 @@
 Forward hooks are registered once, at construction, on every decomposed module. They do nothing
 unless a forward call has set this model's per-call state (masks, weight deltas, routing, cache),
 so a plain target forward costs nothing extra and no hooks are added or removed per step.
+
+A clean forward that caches the modules' inputs also records the target's module outputs (`CleanPrefix`);
+a masked forward called with `reuse_clean_prefix` on the same inputs returns the recorded outputs for
+the module calls upstream of its first masked module instead of computing them.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal, NamedTuple
 
@@ -39,6 +43,108 @@ class _CallState:
     deltas: dict[str, WeightDeltaAndMask]
     routing: dict[str, Tensor]
     cache: dict[str, Tensor] | None
+    replaced: frozenset[str] = frozenset()  # masked modules whose forward computes the components only
+    clean_out: dict[str, Tensor] = field(default_factory=dict)  # a masked module's clean output (clean input)
+
+
+def _tensors(value: Any) -> Iterator[Tensor]:
+    """Every tensor in a module output (a tensor, or tuples / lists / dicts of them, e.g. HF outputs)."""
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+def _versions(value: Any) -> tuple[tuple[int, int], ...]:
+    """(data_ptr, version) of every tensor in `value`: changes when one is modified in place or replaced."""
+    return tuple((t.data_ptr(), t._version) for t in _tensors(value))
+
+
+@dataclass
+class _Call:
+    """One module call seen while tracing a clean forward (start / end on one clock of call events)."""
+
+    module: nn.Module
+    start: int
+    parent: int | None  # index of the enclosing call
+    end: int = -1
+    output: Any = None
+    versions: tuple[tuple[int, int], ...] = ()
+
+
+class CleanPrefix:
+    """The target's module outputs from one clean forward, for masked forwards on the same inputs.
+
+    A module call that ended before the first masked module's call began saw the same inputs in the clean
+    and in the masked forward (the target is frozen, in eval mode and deterministic), so the masked forward
+    may return its recorded output instead of computing it. Per decomposed module, `skips` holds the
+    outermost such calls; modules called more than once per forward, and outputs modified in place after
+    their call, are never skipped (the forward then computes them as usual). `outputs` holds each
+    decomposed module's own clean output: the first masked module's input is clean, so its weight delta
+    term needs no matmul (ComponentModel._masked_output).
+    """
+
+    def __init__(
+        self, key: tuple[tuple[Any, ...], Any], calls: list[_Call], decomposed: dict[str, nn.Module]
+    ) -> None:
+        self.key = key  # (the inputs, held so their identity cannot be reused; their versions etc.)
+        calls_of: dict[int, list[int]] = {}  # id(module) -> indices of its calls
+        for i, c in enumerate(calls):
+            calls_of.setdefault(id(c.module), []).append(i)
+        reusable = [
+            len(calls_of[id(c.module)]) == 1 and c.end >= 0 and _versions(c.output) == c.versions
+            for c in calls
+        ]
+        self.starts: dict[str, int] = {}
+        self.skips: dict[str, list[tuple[nn.Module, Any, tuple[tuple[int, int], ...]]]] = {}
+        self.outputs: dict[str, tuple[Tensor, tuple[tuple[int, int], ...]]] = {}
+        for name, module in decomposed.items():
+            mine = calls_of.get(id(module), [])
+            if len(mine) != 1:
+                continue
+            call = calls[mine[0]]
+            s = self.starts[name] = call.start
+            if reusable[mine[0]] and isinstance(call.output, Tensor):
+                self.outputs[name] = (call.output, call.versions)
+
+            def skippable(i: int, s: int = s) -> bool:
+                return reusable[i] and calls[i].end < s
+
+            self.skips[name] = [
+                (c.module, c.output, c.versions)
+                for i, c in enumerate(calls)
+                if skippable(i) and (c.parent is None or not skippable(c.parent))
+            ]
+
+    def plan(self, masked: Sequence[str]) -> tuple[str, list[tuple[nn.Module, Any]]] | None:
+        """(the first masked module, the (module, output) pairs to return instead of computing) for a
+        forward masking `masked`; None when the record cannot serve it (a masked module not seen exactly
+        once, or a recorded output modified since)."""
+        if not masked or any(name not in self.starts for name in masked):
+            return None
+        first = min(masked, key=self.starts.__getitem__)
+        skips = self.skips[first]
+        if any(_versions(output) != versions for _, output, versions in skips):
+            return None
+        return first, [(module, output) for module, output, _ in skips]
+
+    def clean_output(self, name: str) -> Tensor | None:
+        """Module `name`'s output in the clean forward, or None (not recorded, or modified since)."""
+        output, versions = self.outputs.get(name, (None, ()))
+        return output if output is not None and _versions(output) == versions else None
+
+
+def _returning(output: Any) -> Callable[..., Any]:
+    """A forward that returns `output` without computing."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return output
+
+    return forward
 
 
 def match_target_modules(model: nn.Module, patterns: dict[str, int]) -> dict[str, int]:
@@ -78,6 +184,7 @@ class ComponentModel(nn.Module):
         ci_fn_hidden_dims: Sequence[int] = (16,),
         sigmoid_type: str = "leaky_hard",
         output_attr: str | None = None,
+        record_clean_prefix: bool = True,
     ) -> None:
         super().__init__()
         target_model.requires_grad_(False)
@@ -103,6 +210,10 @@ class ComponentModel(nn.Module):
             self.ci_fns[_key(name)] = make_ci_fn(ci_fn_type, C, d_in, ci_fn_hidden_dims).to(device)
 
         self._state: _CallState | None = None
+        # clean forwards with cache_acts record module outputs for reuse_clean_prefix (memory: one set of
+        # the target's activations, held until the next such forward or clear_clean_prefix)
+        self.record_clean_prefix = record_clean_prefix
+        self._clean_prefix: CleanPrefix | None = None
         self._target_weight_cache: dict[str, tuple[tuple[Any, ...], Tensor]] = {}
         self._hook_handles = [
             self._modules_by_name[name].register_forward_hook(
@@ -150,6 +261,10 @@ class ComponentModel(nn.Module):
             handle.remove()
         self._hook_handles = []
 
+    def clear_clean_prefix(self) -> None:
+        """Drop the recorded clean activations (they are otherwise held until the next clean forward)."""
+        self._clean_prefix = None
+
     # ----------------------------------------------------------------- forward
     def _extract_output(self, raw: Any) -> Tensor:
         """Pick the tensor out of the target's raw output (`output_attr`: None, 'idx_<i>' or an attribute)."""
@@ -170,6 +285,7 @@ class ComponentModel(nn.Module):
         weight_deltas_and_masks: dict[str, WeightDeltaAndMask] | None = None,
         routing_masks: dict[str, Tensor] | None = None,
         cache_acts: bool = False,
+        reuse_clean_prefix: bool = False,
         **kwargs: Any,
     ) -> Tensor | OutputWithCache:
         """Target forward; modules named in `masks` run through their components.
@@ -178,7 +294,13 @@ class ComponentModel(nn.Module):
         mask may also get (delta (d_out, d_in), delta_mask (...) or None) in weight_deltas_and_masks;
         routing_masks[name] (...) bool picks, per position, components (True) or the target (False).
         With cache_acts, returns OutputWithCache whose cache holds every decomposed module's input.
+        With reuse_clean_prefix (masked forwards without cache_acts), the module calls upstream of the
+        first masked module return the outputs recorded by the last clean cache_acts forward when it ran
+        on these very inputs (same objects, unmodified); otherwise they are computed.
         """
+        clean = masks is None and not weight_deltas_and_masks and not routing_masks
+        if clean and cache_acts and self.record_clean_prefix and self._state is None:
+            return self._traced_clean_forward(args, kwargs)
         if masks is None and not cache_acts:
             if weight_deltas_and_masks or routing_masks:
                 raise ValueError("weight_deltas_and_masks / routing_masks need masks")
@@ -196,12 +318,90 @@ class ComponentModel(nn.Module):
         if self._state is not None:
             raise RuntimeError("ComponentModel.forward is not re-entrant")
         cache: dict[str, Tensor] | None = {} if cache_acts else None
-        self._state = _CallState(masks, deltas, routing, cache)
+        plan = self._prefix_plan(args, kwargs, list(masks)) if reuse_clean_prefix and not cache_acts else None
+        skips, clean_out = (), {}
+        if plan is not None:
+            first, skips = plan
+            first_out = self._clean_prefix.clean_output(first)
+            clean_out = {} if first_out is None else {first: first_out}
+        # a masked module without routing needs no target output: its forward computes only the components
+        # (not under autocast, whose output dtype the hook takes from the target's output)
+        autocast = any(torch.is_autocast_enabled(d) for d in {"cpu", self._device_type})
+        replaced = frozenset() if autocast else frozenset(set(masks) - set(routing))
+        forwards: dict[nn.Module, Callable[..., Any]] = {m: _returning(out) for m, out in skips}
+        forwards |= {self._modules_by_name[n]: partial(self._component_forward, name=n) for n in replaced}
+        shadowed = [(module, module.__dict__.get("forward")) for module in forwards]
+        self._state = _CallState(masks, deltas, routing, cache, replaced, clean_out)
+        try:
+            for module, forward in forwards.items():
+                module.forward = forward  # an instance attribute shadows the class's forward
+            out = self._extract_output(self.target_model(*args, **kwargs))
+        finally:
+            self._state = None
+            for module, previous in shadowed:
+                if previous is None:
+                    del module.forward
+                else:
+                    module.forward = previous
+        return OutputWithCache(out, cache) if cache is not None else out
+
+    @property
+    def _device_type(self) -> str:
+        """The components' device type ('cpu', 'cuda', ...)."""
+        return next(iter(self.components.values())).V.device.type
+
+    def _prefix_key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], Any]:
+        """(the inputs themselves, what must not have changed since): the keyword names, the inputs'
+        tensor versions and the target's parameters and buffers (storage and version)."""
+        inputs = (*args, *kwargs.values())
+        target = tuple(
+            (t.data_ptr(), t._version)
+            for t in (*self.target_model.parameters(), *self.target_model.buffers())
+        )
+        return inputs, (tuple(kwargs), tuple(_versions(a) for a in inputs), target)
+
+    def _prefix_plan(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], masked: list[str]
+    ) -> tuple[str, list[tuple[nn.Module, Any]]] | None:
+        """CleanPrefix.plan for a masked forward on these inputs, or None when the record is not of them."""
+        prefix = self._clean_prefix
+        if prefix is None:
+            return None
+        (inputs, state), (recorded, recorded_state) = self._prefix_key(args, kwargs), prefix.key
+        same = len(inputs) == len(recorded) and all(a is b for a, b in zip(inputs, recorded))
+        return prefix.plan(masked) if same and state == recorded_state else None
+
+    def _traced_clean_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> OutputWithCache:
+        """A clean forward with cache_acts that also records every module call of the target (CleanPrefix)."""
+        self._clean_prefix = None
+        calls: list[_Call] = []
+        stack: list[int] = []
+        clock = [0]
+
+        def pre(module: nn.Module, _args: tuple[Any, ...]) -> None:
+            calls.append(_Call(module, clock[0], stack[-1] if stack else None))
+            stack.append(len(calls) - 1)
+            clock[0] += 1
+
+        def post(module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
+            call = calls[stack.pop()]
+            call.end, call.output, call.versions = clock[0], output, _versions(output)
+            clock[0] += 1
+
+        handles = []
+        for module in self.target_model.modules():
+            handles.append(module.register_forward_pre_hook(pre))
+            handles.append(module.register_forward_hook(post, prepend=True))  # the forward's own output
+        cache: dict[str, Tensor] = {}
+        self._state = _CallState({}, {}, {}, cache)
         try:
             out = self._extract_output(self.target_model(*args, **kwargs))
         finally:
             self._state = None
-        return OutputWithCache(out, cache) if cache is not None else out
+            for handle in handles:
+                handle.remove()
+        self._clean_prefix = CleanPrefix(self._prefix_key(args, kwargs), calls, self._modules_by_name)
+        return OutputWithCache(out, cache)
 
     def _hook(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, *, name: str
@@ -214,18 +414,46 @@ class ComponentModel(nn.Module):
         if state.cache is not None:
             state.cache[name] = x
         mask = state.masks.get(name)
-        if mask is None:
+        if mask is None or name in state.replaced:
             return None
-        delta, delta_mask = state.deltas.get(name, (None, None))
-        out = self.component(name)(x, mask=mask, weight_delta=delta, delta_mask=delta_mask)
-        bias = getattr(module, "bias", None)
-        if isinstance(bias, Tensor) and module_kind(module) != "embedding":
-            out = out + bias
-        out = out.to(output.dtype)
+        out = self._masked_output(module, name, x, output.dtype)
         route = state.routing.get(name)
         if route is not None:
             out = torch.where(route.unsqueeze(-1), out, output)
         return out
+
+    def _masked_output(self, module: nn.Module, name: str, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """Module `name`'s output through its masked components (+ masked delta, + the target's bias).
+
+        With the module's clean output y = x W^T + b at hand (its input x is the clean one), the delta
+        term needs no matmul: x Delta^T = y - b - g U with g = x V, so
+        out = (g * (mask - r)) U + r y + (1 - r) b, the same function of V, U and the mask."""
+        state = self._state
+        delta, delta_mask = state.deltas.get(name, (None, None))
+        mask = state.masks[name]
+        comp = self.component(name)
+        bias = getattr(module, "bias", None)
+        bias = bias if isinstance(bias, Tensor) and module_kind(module) != "embedding" else None
+        clean = state.clean_out.get(name)
+        if delta is None or clean is None:
+            out = comp(x, mask=mask, weight_delta=delta, delta_mask=delta_mask)
+            return (out if bias is None else out + bias).to(dtype)
+        g = comp.component_acts(x)  # (..., C)
+        clean = clean.to(g.dtype)
+        if delta_mask is None:  # r = 1
+            return ((g * (mask - 1)) @ comp.U + clean).to(dtype)
+        r = delta_mask.unsqueeze(-1)  # (..., 1)
+        out = (g * (mask - r)) @ comp.U + r * clean
+        return (out if bias is None else out + (1 - r) * bias).to(dtype)
+
+    def _component_forward(self, *args: Any, name: str, **kwargs: Any) -> Tensor:
+        """Forward of a masked module during a masked call: the components' output, the target's weight
+        unused; the dtype is the one the target's forward would give (its weight's for an embedding)."""
+        module = self._modules_by_name[name]
+        x = args[0] if args else next(iter(kwargs.values()))  # the module's single input
+        weight = module.weight
+        dtype = weight.dtype if module_kind(module) == "embedding" else torch.result_type(x, weight)
+        return self._masked_output(module, name, x, dtype)
 
     # ----------------------------------------------------------------- causal importances
     @staticmethod

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .ci_functions import CI_FN_KINDS
+from .routing import SUBSET_ROUTINGS
 from .sigmoids import SIGMOIDS
 
 LOSS_NAMES = (
@@ -22,12 +23,18 @@ LOSS_NAMES = (
     "stochastic_recon_subset",
     "importance_minimality",
     "ci_masked_recon",
+    "ci_masked_recon_subset",
+    "ci_masked_recon_layerwise",
     "unmasked_recon",
     "pgd_recon",
+    "pgd_recon_subset",
+    "pgd_recon_layerwise",
     "stochastic_hidden_acts_recon",
 )
+MULTIBATCH_ROUTINGS = ("all", "subset")
 SAMPLINGS = ("continuous", "binomial")
 OUTPUT_LOSS_TYPES = ("mse", "kl")
+FIGURE_SCHEDULES = ("all", "end", "off")  # when SPD draws its figures (hundreds of modules: "end")
 PGD_INITS = ("random", "ones", "zeros")
 PGD_MASK_SCOPES = ("unique_per_datapoint", "shared_across_batch")
 
@@ -75,29 +82,56 @@ class ComponentConfig:
 
 @dataclass
 class PGDSettings:
-    """Adversarial-mask (pgd_recon) settings: sign-gradient ascent on mask sources in [0, 1]."""
+    """Adversarial-mask settings: sign-gradient ascent on mask sources in [0, 1].
+
+    n_steps / step_size / init / mask_scope: the training terms pgd_recon, pgd_recon_subset and
+    pgd_recon_layerwise (one batch each). multibatch_*: the evaluation-only multi-batch PGD (one source
+    per module shared by every example, its gradient summed over multibatch_n_batches validation batches
+    before each step), reported as `pgd_multibatch_recon[_subset]` in spd_results.json; 0 batches: off.
+    """
 
     n_steps: int = 1
     step_size: float = 0.1
     init: str = "random"  # the sources' start: random | ones | zeros
     mask_scope: str = "unique_per_datapoint"  # or shared_across_batch (one source for all examples)
+    multibatch_n_batches: int = 0  # validation batches per multi-batch PGD step (0: no evaluation)
+    multibatch_n_steps: int = 20
+    multibatch_step_size: float = 0.1
+    multibatch_init: str = "random"
+    multibatch_routings: list[str] = field(default_factory=lambda: ["all"])  # all | subset (subset_routing)
 
     def __post_init__(self) -> None:
-        if self.n_steps < 0 or not self.step_size >= 0:
-            raise ValueError(
-                f"pgd needs n_steps >= 0 and step_size >= 0, got {self.n_steps}, {self.step_size}"
-            )
-        if self.init not in PGD_INITS:
-            raise ValueError(f"pgd init={self.init!r}; valid: {list(PGD_INITS)}")
+        for prefix, n_steps, step_size, init in (
+            ("", self.n_steps, self.step_size, self.init),
+            ("multibatch_", self.multibatch_n_steps, self.multibatch_step_size, self.multibatch_init),
+        ):
+            if n_steps < 0 or not step_size >= 0:
+                raise ValueError(
+                    f"pgd needs {prefix}n_steps >= 0 and {prefix}step_size >= 0, got {n_steps}, {step_size}"
+                )
+            if init not in PGD_INITS:
+                raise ValueError(f"pgd {prefix}init={init!r}; valid: {list(PGD_INITS)}")
         if self.mask_scope not in PGD_MASK_SCOPES:
             raise ValueError(f"pgd mask_scope={self.mask_scope!r}; valid: {list(PGD_MASK_SCOPES)}")
+        if self.multibatch_n_batches < 0:
+            raise ValueError(
+                f"pgd multibatch_n_batches must be >= 0 (0: off), got {self.multibatch_n_batches}"
+            )
+        self.multibatch_routings = list(self.multibatch_routings)
+        bad = [r for r in self.multibatch_routings if r not in MULTIBATCH_ROUTINGS]
+        if bad or not self.multibatch_routings:
+            raise ValueError(
+                f"pgd multibatch_routings={self.multibatch_routings!r}: a non-empty list of "
+                f"{list(MULTIBATCH_ROUTINGS)}"
+            )
 
 
 @dataclass
 class ObjectiveConfig:
     """The training objective: loss terms and coefficients, how masks are drawn, the importance-minimality
     exponent's schedule (importance_p, annealed linearly to importance_p_end between the two fractions of
-    training; constant if importance_p_end is None) and the pgd_recon settings."""
+    training; constant if importance_p_end is None), the subset terms' router (routing.py) and the PGD
+    settings."""
 
     loss_coeffs: dict[str, float] = field(
         default_factory=lambda: {"stochastic_recon": 1.0, "importance_minimality": 1e-3}
@@ -110,12 +144,25 @@ class ObjectiveConfig:
     importance_p_end: float | None = None
     p_anneal_start_frac: float = 1.0
     p_anneal_end_frac: float = 1.0
+    subset_routing: str = "uniform_k_subset"  # or static_probability: each module routed with p
+    subset_routing_p: float | None = None  # static_probability's p
     pgd: PGDSettings = field(default_factory=PGDSettings)
 
     def __post_init__(self) -> None:
         self.loss_coeffs = check_loss_coeffs(self.loss_coeffs)
         if isinstance(self.pgd, dict):
             self.pgd = PGDSettings(**self.pgd)
+        if self.subset_routing not in SUBSET_ROUTINGS:
+            raise ValueError(
+                f"unknown subset_routing {self.subset_routing!r}; valid: {list(SUBSET_ROUTINGS)}"
+            )
+        if self.subset_routing == "static_probability" and not (
+            self.subset_routing_p is not None and 0.0 <= self.subset_routing_p <= 1.0
+        ):
+            raise ValueError(
+                "subset_routing='static_probability' needs subset_routing_p in [0, 1], "
+                f"got {self.subset_routing_p}"
+            )
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"unknown sampling {self.sampling!r}; valid: {list(SAMPLINGS)}")
         if self.output_loss_type not in OUTPUT_LOSS_TYPES:
@@ -160,8 +207,11 @@ class EvalConfig:
     ci_alive_threshold: float = 0.1  # a component is alive if its CI exceeds this on some input
     identity_ci_patterns: list[str] | None = None  # toy modules whose CIs should be the identity (None: all)
     final_eval_batches: int = 8  # validation batches of the end-of-fit evaluation
+    figures: str = "all"  # all: every validation and the end; end: only the end of fit; off: none
 
     def __post_init__(self) -> None:
+        if self.figures not in FIGURE_SCHEDULES:
+            raise ValueError(f"evaluation.figures={self.figures!r}; valid: {list(FIGURE_SCHEDULES)}")
         if not 0.0 <= self.ci_alive_threshold < 1.0:
             raise ValueError(f"ci_alive_threshold must be in [0, 1), got {self.ci_alive_threshold}")
         if self.final_eval_batches < 0:

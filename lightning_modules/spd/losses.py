@@ -25,6 +25,7 @@ from .component_model import (
     uniform_k_subset_routing_masks,
     weight_delta_masks,
 )
+from .routing import Router
 
 OutputLossType = Literal["mse", "kl"]
 DeltaMasks = dict[str, WeightDeltaAndMask]  # {module: (Delta (d_out, d_in), r (...))}
@@ -50,26 +51,36 @@ class _KLFromLogits(torch.autograd.Function):
     """mean_n KL(p_n || softmax(z_n)) = mean_n [sum_v p log p - p . z + logsumexp(z)] (sum_v p = 1).
 
     Written out because it is the LM step's largest elementwise cost (18 (tokens, vocab) KLs per tiny-LM
-    step): log_softmax + mul + sum and their autograd backward sweep the (tokens, vocab) logits ~7 times;
-    here the forward does max, one exp pass (kept as the unnormalised softmax) and a BLAS dot, and the
-    backward is (softmax - p) * grad in three in-place passes.
+    step): log_softmax + mul + sum and their autograd backward sweep the (tokens, vocab) logits ~7 times.
+    Here the forward also forms the gradient, softmax(z) - p, and on CPU runs over blocks of rows small
+    enough (~512 KiB) to stay in cache between its passes (max, subtract, dot, exp, sum, divide, subtract);
+    the backward only scales it.
     """
 
     @staticmethod
-    def forward(ctx: Any, z: Tensor, probs: Tensor, neg_entropy_sum: Tensor) -> Tensor:  # noqa: D102
-        # with zc = z - max(z) per row, p . z - logsumexp(z) = p . zc - log sum exp(zc): the maxima cancel,
-        # and the float32 sums stay of the size of the entropies instead of the logits
-        zc = torch.sub(z, z.amax(-1, keepdim=True))  # (N, V)
-        cross = torch.dot(probs.reshape(-1), zc.reshape(-1))
-        e = zc.exp_()  # exp(z - max), the unnormalised softmax
-        s = e.sum(-1, keepdim=True)
-        ctx.save_for_backward(e, s, probs)
-        return (neg_entropy_sum - cross + s.log().sum()) / z.shape[0]
+    def forward(ctx: Any, z: Tensor, probs: Tensor, neg_entropy: Tensor) -> Tensor:  # noqa: D102
+        n, vocab = z.shape
+        rows = n if z.device.type != "cpu" else max(8, 2**17 // vocab)
+        grad = torch.empty_like(z)  # (N, V): softmax(z) - p
+        total = z.new_zeros(())
+        for r in range(0, n, rows):
+            z_r, p_r, g_r = z[r : r + rows], probs[r : r + rows], grad[r : r + rows]
+            # with zc = z - max(z) per row, p . z - logsumexp(z) = p . zc - log sum exp(zc): the maxima
+            # cancel; each row's KL is formed before summing, so the float32 sums are of the size of the
+            # KLs, not of the entropies or logits
+            zc = torch.sub(z_r, z_r.amax(-1, keepdim=True), out=g_r)
+            cross = torch.linalg.vecdot(p_r, zc)  # (rows,)
+            e = zc.exp_()  # exp(z - max), the unnormalised softmax
+            s = e.sum(-1, keepdim=True)
+            total += (neg_entropy[r : r + rows] - cross + s.log().squeeze(-1)).sum()
+            e.div_(s).sub_(p_r)
+        ctx.save_for_backward(grad)
+        return total / n
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: D102
-        e, s, probs = ctx.saved_tensors
-        return torch.div(e, s).sub_(probs).mul_(grad / e.shape[0]), None, None
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None]:  # noqa: D102
+        (grad,) = ctx.saved_tensors
+        return grad * (grad_out / grad.shape[0]), None, None
 
 
 def kl_from_logits(pred: Tensor, target: KLTarget) -> Tensor:
@@ -77,7 +88,7 @@ def kl_from_logits(pred: Tensor, target: KLTarget) -> Tensor:
     vocab = pred.shape[-1]
     z = pred.float().reshape(-1, vocab).contiguous()
     probs = target.probs.reshape(-1, vocab).contiguous()
-    return _KLFromLogits.apply(z, probs, target.neg_entropy.sum())
+    return _KLFromLogits.apply(z, probs, target.neg_entropy.reshape(-1).to(z.dtype))
 
 
 def output_recon_loss(pred: Tensor, target: Tensor | KLTarget, output_loss_type: OutputLossType) -> Tensor:
@@ -167,7 +178,10 @@ def stochastic_recon_loss(
 ) -> Tensor:
     """Mean over samples of L(model(x; masked by m, + r Delta), target_out), where the masked modules are
     'all': every module; 'layerwise': one module l at a time, the others the target (the mean also runs
-    over l); 'subset': per position a random k-subset of modules (k ~ U{1..L}, drawn after the masks)."""
+    over l); 'subset': per position a random k-subset of modules (k ~ U{1..L}, drawn after the masks).
+    The masked forwards start from the clean forward's recorded activations where the model holds them
+    for this batch (ComponentModel's reuse_clean_prefix: e.g. a layerwise forward of block 3's module
+    skips blocks 0-2)."""
     if routing not in ROUTINGS:
         raise ValueError(f"unknown routing {routing!r}; valid: {list(ROUTINGS)}")
     ref = next(iter(sampler.ci.values()))
@@ -176,7 +190,8 @@ def stochastic_recon_loss(
         if routing == "layerwise":
             for name in masks:
                 one_delta = None if deltas is None else {name: deltas[name]}
-                out = model(batch, masks={name: masks[name]}, weight_deltas_and_masks=one_delta)
+                one_mask = {name: masks[name]}
+                out = model(batch, masks=one_mask, weight_deltas_and_masks=one_delta, reuse_clean_prefix=True)
                 yield output_recon_loss(out, target_out, output_loss_type), 1
             return
         subset = (
@@ -184,7 +199,9 @@ def stochastic_recon_loss(
             if routing == "subset"
             else None
         )
-        out = model(batch, masks=masks, weight_deltas_and_masks=deltas, routing_masks=subset)
+        out = model(
+            batch, masks=masks, weight_deltas_and_masks=deltas, routing_masks=subset, reuse_clean_prefix=True
+        )
         yield output_recon_loss(out, target_out, output_loss_type), 1
 
     return sampler.mean(body)
@@ -242,9 +259,11 @@ def pgd_recon_loss(
     mask_scope: Literal["unique_per_datapoint", "shared_across_batch"] = "unique_per_datapoint",
     output_loss_type: OutputLossType = "mse",
     generator: torch.Generator | None = None,
+    routing_masks: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """Adversarial masks: sources s in [0, 1] (one extra for the delta), n_steps of s += step sign(dL/ds)
-    then clamp; loss L(model(x; m = ci + (1 - ci) s, delta mask s_delta), target_out)."""
+    then clamp; loss L(model(x; m = ci + (1 - ci) s, delta mask s_delta), target_out). The modules
+    masked are those in ci; routing_masks (fixed over the steps) route positions as in a subset term."""
     ref = next(iter(ci.values()))
     lead_shape = ref.shape[:-1]
     src_lead = lead_shape if mask_scope == "unique_per_datapoint" else (1,) * len(lead_shape)
@@ -267,9 +286,8 @@ def pgd_recon_loss(
             masks[name] = c + (1 - c) * s[..., : c.shape[-1]]
             if dm is not None:
                 dm[name] = (deltas_[name], s[..., -1])
-        return output_recon_loss(
-            model(batch, masks=masks, weight_deltas_and_masks=dm), target_out, output_loss_type
-        )
+        out = model(batch, masks=masks, weight_deltas_and_masks=dm, routing_masks=routing_masks)
+        return output_recon_loss(out, target_out, output_loss_type)
 
     # The inner steps only need d loss / d s, so they use detached ci and deltas (same values).
     ci_d = {k: v.detach() for k, v in ci.items()}
@@ -284,3 +302,112 @@ def pgd_recon_loss(
             for (k, v), g in zip(leaves.items(), grads)
         }
     return loss_at(sources, ci, weight_deltas)
+
+
+# ----------------------------------------------------------------------------- routed and layerwise terms
+# The reference's CI-masked and PGD subset / layerwise variants. A subset term draws its routing masks
+# from a router (routing.py): the stochastic one after each sample's masks, the PGD one before its
+# sources. A layerwise term masks one module at a time (the others run the target) and averages over them.
+def _route(router: Router, ci: dict[str, Tensor], generator: torch.Generator | None) -> dict[str, Tensor]:
+    """The router's masks for every module in ci, over ci's leading shape."""
+    ref = next(iter(ci.values()))
+    return router(list(ci), tuple(ref.shape[:-1]), ref.device, generator)
+
+
+def ci_masked_recon_subset_loss(
+    model: ComponentModel,
+    batch: Tensor,
+    target_out: Tensor,
+    ci: dict[str, Tensor],
+    router: Router,
+    output_loss_type: OutputLossType = "mse",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """L(model(x; masks = ci, no delta, routed per the router), target_out)."""
+    routing = _route(router, ci, generator)
+    return output_recon_loss(model(batch, masks=ci, routing_masks=routing), target_out, output_loss_type)
+
+
+def ci_masked_recon_layerwise_loss(
+    model: ComponentModel,
+    batch: Tensor,
+    target_out: Tensor,
+    ci: dict[str, Tensor],
+    output_loss_type: OutputLossType = "mse",
+) -> Tensor:
+    """mean over modules l of L(model(x; module l masked by ci_l, no delta, the others the target))."""
+    total = sum(
+        output_recon_loss(model(batch, masks={name: c}), target_out, output_loss_type)
+        for name, c in ci.items()
+    )
+    return total / len(ci)
+
+
+def stochastic_recon_routed_loss(
+    model: ComponentModel,
+    batch: Tensor,
+    target_out: Tensor,
+    ci: dict[str, Tensor],
+    weight_deltas: dict[str, Tensor] | None,
+    router: Router,
+    sampling: Sampling = "continuous",
+    n_mask_samples: int = 1,
+    output_loss_type: OutputLossType = "mse",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """stochastic_recon_subset with any router: mean over samples of L(model(x; m, r Delta, routed)),
+    each sample drawing masks, then delta masks, then routing masks."""
+    total = torch.zeros((), device=next(iter(ci.values())).device)
+    for _ in range(n_mask_samples):
+        masks = stochastic_masks(ci, sampling, generator)
+        deltas = None if weight_deltas is None else weight_delta_masks(ci, weight_deltas, generator)
+        routing = _route(router, ci, generator)
+        out = model(batch, masks=masks, weight_deltas_and_masks=deltas, routing_masks=routing)
+        total = total + output_recon_loss(out, target_out, output_loss_type)
+    return total / n_mask_samples
+
+
+def pgd_recon_subset_loss(
+    model: ComponentModel,
+    batch: Tensor,
+    target_out: Tensor,
+    ci: dict[str, Tensor],
+    router: Router,
+    weight_deltas: dict[str, Tensor] | None = None,
+    n_steps: int = 1,
+    step_size: float = 0.1,
+    init: Literal["random", "ones", "zeros"] = "random",
+    mask_scope: Literal["unique_per_datapoint", "shared_across_batch"] = "unique_per_datapoint",
+    output_loss_type: OutputLossType = "mse",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """pgd_recon with routing masks drawn once (before the sources) and kept over the PGD steps."""
+    routing = _route(router, ci, generator)
+    return pgd_recon_loss(
+        model, batch, target_out, ci, weight_deltas, n_steps, step_size, init, mask_scope, output_loss_type,
+        generator, routing,
+    )  # fmt: skip
+
+
+def pgd_recon_layerwise_loss(
+    model: ComponentModel,
+    batch: Tensor,
+    target_out: Tensor,
+    ci: dict[str, Tensor],
+    weight_deltas: dict[str, Tensor] | None = None,
+    n_steps: int = 1,
+    step_size: float = 0.1,
+    init: Literal["random", "ones", "zeros"] = "random",
+    mask_scope: Literal["unique_per_datapoint", "shared_across_batch"] = "unique_per_datapoint",
+    output_loss_type: OutputLossType = "mse",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """mean over modules l of pgd_recon with only module l masked (its own sources, its own PGD run)."""
+    total = torch.zeros((), device=next(iter(ci.values())).device)
+    for name, c in ci.items():
+        one_delta = None if weight_deltas is None else {name: weight_deltas[name]}
+        total = total + pgd_recon_loss(
+            model, batch, target_out, {name: c}, one_delta, n_steps, step_size, init, mask_scope,
+            output_loss_type, generator,
+        )  # fmt: skip
+    return total / len(ci)

@@ -46,13 +46,14 @@ class AliveComponentsTracker:
 
 @torch.no_grad()
 def mmcs_ml2r(
-    target_weight: Tensor, V: Tensor, U: Tensor, select: Literal["norm", "cosine"] = "norm"
+    target_weight: Tensor, V: Tensor, U: Tensor, select: Literal["cosine", "norm"] = "cosine"
 ) -> tuple[float, float]:
     """(MMCS, ML2R) of target columns W[:, j] (W (d_out, d_in)) against component columns V[j, c] U[c].
 
-    For each input feature j one component is picked: by the largest |V[j, c]| ||U[c]|| ('norm',
-    robust on toys) or the largest cosine ('cosine', the paper's max). MMCS = mean cosine of the
-    picked column with W[:, j]; ML2R = mean ||V[j, c] U[c]|| / ||W[:, j]||.
+    For each input feature j one component c_j is picked. 'cosine' is the paper's definition (and the
+    reference's TMS analysis): c_j maximises the cosine of V[j, c] U[c] with W[:, j], so MMCS =
+    mean_j max_c cos. 'norm' picks the largest |V[j, c]| ||U[c]|| instead (the component that carries
+    feature j, not one that happens to point its way). ML2R = mean_j ||V[j, c_j] U[c_j]|| / ||W[:, j]||.
     """
     W = target_weight.float()  # (d_out, d_in)
     V, U = V.float(), U.float()  # (d_in, C), (C, d_out)
@@ -197,7 +198,7 @@ def toy_module_report(
     identity_patterns (None: all) with C >= n_features; mmcs / ml2r only where `feature_space` applies."""
     n_f = int(model.target_model.n_features)
     cis = single_feature_cis(model, n_f)
-    stats: dict[str, dict[str, float]] = {}
+    stats: dict[str, dict[str, float]] = {}  # mmcs / ml2r: the paper's (max cosine); *_by_norm: see mmcs_ml2r
     mats: dict[str, dict[str, Tensor]] = {}
     for name in model.module_names:
         comp = model.component(name)
@@ -210,7 +211,8 @@ def toy_module_report(
             s["identity_ci_error"] = float(identity_ci_error(ci))
         fs = feature_space(model.target_model, model.target_weight(name), comp.V, comp.U)
         if fs is not None:
-            s["mmcs"], s["ml2r"] = mmcs_ml2r(*fs)
+            s["mmcs"], s["ml2r"] = mmcs_ml2r(*fs, select="cosine")
+            s["mmcs_by_norm"], s["ml2r_by_norm"] = mmcs_ml2r(*fs, select="norm")
             cos = feature_component_cosines(*fs)
             m["feature_cosine"] = cos[:, identity_permutation(cos.abs())] if fits else cos
         stats[name], mats[name] = s, m

@@ -26,6 +26,7 @@ from lightning_modules.common.optim import (
     configure_optimizer,
     total_training_steps,
 )
+from lightning_modules.common.plotting import log_figures, save_figures
 from lightning_modules.common.seeds import mixed_seed
 from lightning_modules.gpt.config import GPTConfig
 
@@ -47,6 +48,7 @@ from .objective import (
     faithfulness_warmup,
     write_results,
 )
+from .pgd import pgd_multibatch_metrics
 from .targets import check_target_data, load_target, random_gpt
 
 TARGET_PREFIX = "cm.target_model."  # the frozen target's keys in this module's state_dict
@@ -263,7 +265,7 @@ class SPDLightningModule(pl.LightningModule):
         out = self.objective(self.cm, x, frac, generator=self.mask_generator(x.device, batch_idx))
         self.log("train/loss", out.total, prog_bar=True)
         self.log_dict({f"train/loss/{k}": v for k, v in out.terms.items()})
-        self.log_dict({f"train/l0/{n}": (c > 0).sum(-1).float().mean() for n, c in out.ci.items()})
+        self.log_dict({f"train/l0_ci_gt_0/{n}": (c > 0).sum(-1).float().mean() for n, c in out.ci.items()})
         self.log("train/importance_p", self.objective.p(frac))
         return out.total
 
@@ -289,8 +291,9 @@ class SPDLightningModule(pl.LightningModule):
     def _eval_step(self, batch: Any) -> None:
         x, y = self._split(batch)
         metrics, ci = eval_batch(
-            self.cm, x, self.objective.output_loss_type, self.objective.use_delta_component, y
-        )
+            self.cm, x, self.objective.output_loss_type, self.objective.use_delta_component, y,
+            l0_threshold=self.eval_cfg.ci_alive_threshold,
+        )  # fmt: skip
         self._acc.update(metrics, ci)
 
     def on_validation_epoch_start(self) -> None:
@@ -300,16 +303,19 @@ class SPDLightningModule(pl.LightningModule):
         self._eval_step(batch)
 
     def on_validation_epoch_end(self) -> None:
-        metrics, mats = self._summary()
+        metrics = self._summary()[0]
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
-        if self.trainer.sanity_checking or self.global_rank != 0:
+        if self.trainer.sanity_checking or self.global_rank != 0 or self.eval_cfg.figures != "all":
             return
-        images = spd_figures(self.cm.module_names, self._acc.hist, self._acc.density(), mats)
-        for logger in self.loggers:
-            experiment = getattr(logger, "experiment", None)
-            if hasattr(experiment, "add_image"):
-                for tag, img in images.items():
-                    experiment.add_image(f"figures/{tag}", img, self.global_step, dataformats="CHW")
+        log_figures(self.loggers, self._figures(metrics), self.global_step)
+
+    def _figures(self, metrics: dict[str, float]) -> dict[str, Any]:
+        """{tag: matplotlib Figure} for the evaluation just accumulated (see figures.spd_figures)."""
+        seen = self._acc.n_examples > 0
+        hist, density = (self._acc.hist, self._acc.density()) if seen else (None, None)
+        return spd_figures(
+            self.cm, hist, density, metrics, self.eval_cfg.ci_alive_threshold, self.global_step
+        )
 
     def _summary(self) -> tuple[dict[str, float], dict[str, dict[str, Tensor]]]:
         """Accumulated validation means plus, for toys, mmcs / ml2r / identity_ci_error per module."""
@@ -332,6 +338,19 @@ class SPDLightningModule(pl.LightningModule):
                     break
                 self._eval_step(self.trainer.strategy.batch_to_device(batch))
         metrics = self._summary()[0] if self._acc.n_examples else {}
+        if datamodule is not None and self.objective.pgd.multibatch_n_batches:
+            batches = (
+                self._split(self.trainer.strategy.batch_to_device(b))[0] for b in datamodule.val_dataloader()
+            )
+            metrics.update(
+                pgd_multibatch_metrics(self.cm, self.objective, batches, self.mask_generator(self.device, 0))
+            )
         train = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("train/")}
         extra = {"target": self.hparams.target, "global_step": self.global_step, "train": train}
-        write_results(run_dir(self.trainer) / "spd_results.json", self.cm.module_to_c, metrics, extra)
+        out = run_dir(self.trainer)
+        write_results(out / "spd_results.json", self.cm.module_to_c, metrics, extra)
+        if self.eval_cfg.figures == "off":
+            return
+        figures = self._figures(metrics)
+        save_figures(figures, out / "figures", close=False)  # PNGs beside spd_results.json
+        log_figures(self.loggers, figures, self.global_step)

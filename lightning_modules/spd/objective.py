@@ -15,6 +15,7 @@ from torch import Tensor
 from . import losses as L
 from .component_model import ComponentModel, stochastic_masks, weight_delta_masks
 from .config import ObjectiveConfig
+from .routing import Router, make_subset_router
 
 # the stochastic output-recon terms: which modules each one masks (losses.stochastic_recon_loss)
 RECON_ROUTING: dict[str, L.Routing] = {
@@ -48,6 +49,10 @@ class SPDObjective(ObjectiveConfig):
             self.p_anneal_end_frac,
         )
 
+    def subset_router(self) -> Router:
+        """The router of the subset terms (subset_routing, subset_routing_p)."""
+        return make_subset_router(self.subset_routing, self.subset_routing_p)
+
     def __call__(
         self, model: ComponentModel, batch: Tensor, step_frac: float, generator: torch.Generator | None = None
     ) -> ObjectiveOutput:
@@ -68,19 +73,38 @@ class SPDObjective(ObjectiveConfig):
                 terms[name] = L.faithfulness_loss(deltas)
             elif name == "importance_minimality":
                 terms[name] = L.importance_minimality_loss(ci_upper, self.p(step_frac))
+            elif name == "stochastic_recon_subset" and self.subset_routing != "uniform_k_subset":
+                terms[name] = L.stochastic_recon_routed_loss(
+                    model, batch, recon_target, ci, recon_deltas, self.subset_router(), self.sampling,
+                    self.n_mask_samples, out_type, generator,
+                )  # fmt: skip
             elif name in RECON_ROUTING:
                 terms[name] = L.stochastic_recon_loss(
                     model, batch, recon_target, sampler, out_type, RECON_ROUTING[name]
                 )
             elif name == "ci_masked_recon":
                 terms[name] = L.ci_masked_recon_loss(model, batch, recon_target, ci, out_type)
+            elif name == "ci_masked_recon_subset":
+                router = self.subset_router()
+                terms[name] = L.ci_masked_recon_subset_loss(
+                    model, batch, recon_target, ci, router, out_type, generator
+                )
+            elif name == "ci_masked_recon_layerwise":
+                terms[name] = L.ci_masked_recon_layerwise_loss(model, batch, recon_target, ci, out_type)
             elif name == "unmasked_recon":
                 terms[name] = L.unmasked_recon_loss(model, batch, recon_target, out_type)
-            elif name == "pgd_recon":
+            elif name in ("pgd_recon", "pgd_recon_layerwise"):
                 p = self.pgd
-                terms[name] = L.pgd_recon_loss(
+                fn = L.pgd_recon_loss if name == "pgd_recon" else L.pgd_recon_layerwise_loss
+                terms[name] = fn(
                     model, batch, recon_target, ci, recon_deltas, p.n_steps, p.step_size, p.init,
                     p.mask_scope, out_type, generator,
+                )  # fmt: skip
+            elif name == "pgd_recon_subset":
+                p = self.pgd
+                terms[name] = L.pgd_recon_subset_loss(
+                    model, batch, recon_target, ci, self.subset_router(), recon_deltas, p.n_steps,
+                    p.step_size, p.init, p.mask_scope, out_type, generator,
                 )  # fmt: skip
             elif name == "stochastic_hidden_acts_recon":
                 terms[name] = L.stochastic_hidden_acts_recon_loss(model, batch, acts, sampler)
@@ -97,9 +121,12 @@ def eval_batch(
     use_delta_component: bool,
     labels: Tensor | None = None,
     generator: torch.Generator | None = None,
+    l0_threshold: float = 0.0,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(scalar metrics, ci) for one batch: recon losses of ci-masked / unmasked / stochastic / zero
-    masks, faithfulness, L0 per module, mean target output^2; with labels (LMs) CE and KL of each."""
+    masks, faithfulness, mean target output^2, and two L0s per module: `l0_ci_gt_0` (components with
+    ci > 0) and, for l0_threshold > 0, the reference's `l0_ci_gt_<threshold>` (ci > the alive threshold),
+    each the mean over examples / tokens; with labels (LMs) CE and KL of each mask type."""
     target_out, acts = model(batch, cache_acts=True)
     ci, _ = model.calc_causal_importances(acts, sampling="continuous")
     deltas = model.weight_deltas()
@@ -123,7 +150,8 @@ def eval_batch(
     metrics["faithfulness"] = L.faithfulness_loss(deltas)
     metrics["target_output_sq"] = target_out.float().pow(2).mean()  # the target's MSE against zero
     for name, c in ci.items():
-        metrics[f"l0/{name}"] = (c > 0).sum(-1).float().mean()
+        for key in l0_keys(l0_threshold):
+            metrics[f"{key}/{name}"] = (c > l0_key_threshold(key)).sum(-1).float().mean()
     if labels is not None:
         kl_target = recon_target if output_loss_type == "kl" else L.KLTarget.from_logits(target_out)
         flat = labels.flatten()
@@ -132,6 +160,16 @@ def eval_batch(
             metrics[f"lm/ce_{kind}"] = F.cross_entropy(out.flatten(0, -2).float(), flat)
             metrics[f"lm/kl_{kind}"] = L.output_recon_loss(out, kl_target, "kl")
     return metrics, ci
+
+
+def l0_keys(threshold: float) -> tuple[str, ...]:
+    """Metric names of the L0s: 'l0_ci_gt_0' and, for threshold > 0, 'l0_ci_gt_<threshold>'."""
+    return ("l0_ci_gt_0",) if threshold <= 0 else ("l0_ci_gt_0", f"l0_ci_gt_{threshold:g}")
+
+
+def l0_key_threshold(key: str) -> float:
+    """The CI threshold an l0_keys name counts above."""
+    return float(key.removeprefix("l0_ci_gt_"))
 
 
 def add_ce_unrecovered(metrics: dict[str, float]) -> dict[str, float]:
@@ -208,15 +246,14 @@ def faithfulness_warmup(model: ComponentModel, steps: int, lr: float, weight_dec
 def write_results(
     path: Path, module_to_c: dict[str, int], metrics: dict[str, float], extra: dict[str, Any]
 ) -> dict[str, Any]:
-    """spd_results.json: every final metric, regrouped per module (C, alive_components, l0, mmcs, ml2r,
-    identity_ci_error where computed) and for LMs the CE / KL figures under "lm"."""
-    per_module: dict[str, dict[str, float]] = {}
-    for name, C in module_to_c.items():
-        row: dict[str, float] = {"C": C}
-        for key in ("alive_components", "l0", "mmcs", "ml2r", "identity_ci_error"):
-            if f"{key}/{name}" in metrics:
-                row[key] = metrics[f"{key}/{name}"]
-        per_module[name] = row
+    """spd_results.json: every final metric, regrouped per module (C and every `<key>/<module>` metric:
+    alive_components, l0_ci_gt_0, l0_ci_gt_<threshold>, mmcs, ml2r, identity_ci_error, ... where
+    computed) and for LMs the CE / KL figures under "lm"."""
+    per_module: dict[str, dict[str, float]] = {name: {"C": C} for name, C in module_to_c.items()}
+    for key, value in metrics.items():
+        prefix, _, name = key.partition("/")
+        if name in per_module and prefix not in ("lm", "recon"):
+            per_module[name][prefix] = value
     lm = {k.removeprefix("lm/"): v for k, v in metrics.items() if k.startswith("lm/")}
     results = {**extra, "modules": per_module, "metrics": metrics, "lm": lm}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -62,11 +62,30 @@ def sigmoid(x: Tensor) -> Tensor:
     return torch.sigmoid(x)
 
 
-def swish_hard_sigmoid(x: Tensor, beta: float = 10.0) -> Tensor:
-    """Smooth hard sigmoid: softplus-smoothed corners, -> clamp(x, 0, 1) as beta -> inf."""
-    # clamp(x, 0, 1) = relu(x) - relu(x - 1); replace relu by softplus_beta (exact away from corners).
-    sp = torch.nn.functional.softplus
-    return sp(x, beta=beta) - sp(x - 1, beta=beta)
+def _swish(x: Tensor, beta: float) -> Tensor:
+    """x sigmoid(beta x): -> max(x, 0) as beta -> inf."""
+    return x * torch.sigmoid(beta * x)
+
+
+def _upside_down_swish(x: Tensor, beta: float) -> Tensor:
+    """x sigmoid(-beta x): -> min(x, 0) as beta -> inf."""
+    return x * torch.sigmoid(-beta * x)
+
+
+def swish_hard_sigmoid(
+    x: Tensor, beta: float = 10.0, scale: float = 0.5, xshift: float = 0.5, yshift: float = 0.5
+) -> Tensor:
+    """The reference's swish-cornered hard sigmoid, -> clamp(x, 0, 1) as beta -> inf (defaults).
+
+    With z = x - xshift: yshift + [uds(z - scale) - swish(z)] + [swish(z + scale) - uds(z)], where
+    swish(z) = z sigmoid(beta z) and uds(z) = z sigmoid(-beta z).
+    """
+    z = x - xshift
+    return (
+        yshift
+        + (_upside_down_swish(z - scale, beta) - _swish(z, beta))
+        + (_swish(z + scale, beta) - _upside_down_swish(z, beta))
+    )
 
 
 SIGMOIDS: dict[str, Callable[[Tensor], Tensor]] = {

@@ -86,10 +86,12 @@ class NaiveSPD(nn.Module):
         masks: dict[str, Tensor] | None = None,
         deltas: dict | None = None,
         cache: bool = False,
+        routing: dict[str, Tensor] | None = None,
     ):
-        """Register a hook per module, run the target, remove the hooks."""
+        """Register a hook per module, run the target, remove the hooks (routing[name] (...) bool: where
+        False, the module keeps the target's output)."""
         acts: dict[str, Tensor] = {}
-        masks, deltas = masks or {}, deltas or {}
+        masks, deltas, routing = masks or {}, deltas or {}, routing or {}
 
         def hook(module: nn.Module, args: tuple, output: Tensor, name: str) -> Tensor | None:
             inp = args[0]
@@ -104,6 +106,8 @@ class NaiveSPD(nn.Module):
                 out = out + r.unsqueeze(-1) * (inp @ delta.t())
             if module.bias is not None:
                 out = out + module.bias
+            if name in routing:
+                out = torch.where(routing[name].unsqueeze(-1), out, output)
             return out
 
         handles = [self._target_modules[n].register_forward_hook(partial(hook, name=n)) for n in self.names]
@@ -177,3 +181,139 @@ def build(name: str, device: str, seed: int = 0) -> tuple[ComponentModel, Tensor
         loss_type = "kl"
     cm = ComponentModel(target.to(device), cfg["patterns"], cfg["ci"], cfg["hidden"], "leaky_hard")
     return cm, x.to(device), loss_type
+
+
+# ----------------------------------------------------------------------------- the reference's variants
+# Naive forms of the reference's routed, layerwise and PGD terms (goodfire-ai/spd spd/metrics/*.py,
+# spd/routing.py, spd/metrics/pgd_utils.py), written the reference's way: sum of losses over forwards
+# divided by the summed example counts, routers as explicit masks, PGD on leaf sources with the reference's
+# update s <- clamp(s + step sign(grad), 0, 1). They draw random numbers in the order ours do.
+def naive_sum_loss(pred: Tensor, target_out: Tensor, output_loss_type: str) -> tuple[Tensor, int]:
+    """(summed loss, examples): elements for MSE, tokens for KL (the reference's calc_sum_recon_loss_lm)."""
+    n = pred.numel() if output_loss_type == "mse" else pred.shape[:-1].numel()
+    return naive_output_loss(pred, target_out, output_loss_type) * n, n
+
+
+def naive_uniform_k_routing(
+    names: list[str], shape: tuple[int, ...], g: torch.Generator
+) -> dict[str, Tensor]:
+    """k ~ U{1..L} per position, then the modules whose rank in a random permutation is below k."""
+    k = torch.randint(1, len(names) + 1, shape, generator=g)
+    ranks = torch.rand((len(names), *shape), generator=g).argsort(0).argsort(0)
+    return {n: ranks[i] < k for i, n in enumerate(names)}
+
+
+def naive_static_routing(names: list[str], shape: tuple[int, ...], p: float, g: torch.Generator) -> dict:
+    """Each (module, position) routed with probability p."""
+    return {n: torch.rand(shape, generator=g) < p for n in names}
+
+
+def naive_layer_routing(names: list[str], shape: tuple[int, ...], layer: str) -> dict[str, Tensor]:
+    """The reference's LayerRouter: every position of `layer`, nothing of the others."""
+    return {n: torch.full(shape, n == layer, dtype=torch.bool) for n in names}
+
+
+def naive_ci_masked_subset(
+    naive: NaiveSPD, x: Tensor, target_out: Tensor, ci: dict, routing: dict, kind: str
+):
+    """CIMaskedReconSubsetLoss: masks = ci, no delta, routed."""
+    s, n = naive_sum_loss(naive.run(x, masks=ci, routing=routing), target_out, kind)
+    return s / n
+
+
+def naive_ci_masked_layerwise(naive: NaiveSPD, x: Tensor, target_out: Tensor, ci: dict, kind: str) -> Tensor:
+    """CIMaskedReconLayerwiseLoss: one module masked by its ci per forward, summed losses / summed counts."""
+    total, count = 0.0, 0
+    for name in naive.names:
+        s, n = naive_sum_loss(naive.run(x, masks={name: ci[name]}), target_out, kind)
+        total, count = total + s, count + n
+    return total / count
+
+
+def naive_pgd(
+    naive: NaiveSPD,
+    x: Tensor,
+    target_out: Tensor,
+    ci: dict[str, Tensor],
+    deltas: dict[str, Tensor] | None,
+    sources: dict[str, Tensor],
+    n_steps: int,
+    step_size: float,
+    kind: str,
+    routing: dict[str, Tensor] | None = None,
+) -> Tensor:
+    """pgd_masked_recon_loss_update from given start sources (..., C [+1]) for every module in `sources`."""
+    lead = next(iter(ci.values())).shape[:-1]
+    adv = {k: v.clone().requires_grad_(True) for k, v in sources.items()}
+
+    def forward() -> Tensor:
+        masks, dm = {}, {}
+        for name, src in adv.items():
+            s = src.expand(*lead, -1)
+            C = ci[name].shape[-1]
+            masks[name] = ci[name] + (1 - ci[name]) * s[..., :C]
+            if deltas is not None:
+                dm[name] = (deltas[name], s[..., -1])
+        s, n = naive_sum_loss(naive.run(x, masks=masks, deltas=dm, routing=routing), target_out, kind)
+        return s / n
+
+    for _ in range(n_steps):
+        with torch.enable_grad():
+            loss = forward()
+        grads = torch.autograd.grad(loss, list(adv.values()))
+        with torch.no_grad():
+            for src, g in zip(adv.values(), grads):
+                src.add_(step_size * g.sign()).clamp_(0.0, 1.0)
+    return forward()
+
+
+def naive_pgd_multibatch(
+    naive: NaiveSPD,
+    batches: list[Tensor],
+    sources: dict[str, Tensor],
+    n_steps: int,
+    step_size: float,
+    kind: str,
+    use_delta: bool,
+    route=None,
+) -> float:
+    """calc_multibatch_pgd_masked_recon_loss: shared sources, gradients of the summed losses accumulated
+    over the batches (target output and CIs recomputed per batch), sign step; final summed loss / count.
+    route(names, lead_shape) -> routing masks, called per batch after its CIs (None: every module)."""
+    adv = {k: v.clone().requires_grad_(True) for k, v in sources.items()}
+
+    def sweep() -> tuple[float, int, dict[str, Tensor]]:
+        total, count = 0.0, 0
+        acc = {k: torch.zeros_like(v) for k, v in adv.items()}
+        for x in batches:
+            with torch.no_grad():
+                target_out, acts = naive.run(x, cache=True)
+                ci, _ = naive.ci(acts)
+                deltas = (
+                    {n: naive.target_weight(n) - (naive.vu(n)[0] @ naive.vu(n)[1]).t() for n in naive.names}
+                    if use_delta
+                    else None
+                )
+            lead = next(iter(ci.values())).shape[:-1]
+            routing = None if route is None else route(naive.names, tuple(lead))
+            masks, dm = {}, {}
+            with torch.enable_grad():
+                for name, src in adv.items():
+                    s = src.expand(*lead, -1)
+                    masks[name] = ci[name] + (1 - ci[name]) * s[..., : ci[name].shape[-1]]
+                    if deltas is not None:
+                        dm[name] = (deltas[name], s[..., -1])
+                out = naive.run(x, masks=masks, deltas=dm, routing=routing)
+                s_loss, n = naive_sum_loss(out, target_out, kind)
+            for k, g in zip(adv, torch.autograd.grad(s_loss, list(adv.values()))):
+                acc[k] += g
+            total, count = total + float(s_loss.detach()), count + n
+        return total, count, acc
+
+    for _ in range(n_steps):
+        _, _, acc = sweep()
+        with torch.no_grad():
+            for k, src in adv.items():
+                src.add_(step_size * acc[k].sign()).clamp_(0.0, 1.0)
+    total, count, _ = sweep()
+    return total / count

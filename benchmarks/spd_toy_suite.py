@@ -1,0 +1,261 @@
+"""SPD's toy suite through train.py: TMS 5-2, TMS 40-10 and the 1-, 2- and 3-layer ResidMLP, per seed.
+
+Each suite trains its target once with the shipped `configs/spd/<suite>_target.yaml` (the target's seed
+stays the config's), then decomposes it with the shipped `configs/spd/<suite>.yaml` once per decomposition
+seed (`--seed_everything`), each run a `train.py fit` subprocess. A run passes when every checked module
+meets the suite's ground truth (`CRITERIA`); besides `spd_results.json` it records the single-feature CI
+margins (the largest off-diagonal and smallest diagonal CI after the best permutation) from the final
+checkpoint, and the run's wall time. Results merge into benchmarks/results/spd_toy_suite.json, one row per
+(suite, seed), so suites and seeds can be run separately:
+
+    python benchmarks/spd_toy_suite.py --suite tms_5-2 --seeds 10-19 --jobs 2
+    python benchmarks/spd_toy_suite.py --suite tms_40-10 --seeds 10-12 --jobs 2
+    python benchmarks/spd_toy_suite.py --suite resid_mlp1 --seeds 10-14 --max-steps 5000 --jobs 2
+    python benchmarks/spd_toy_suite.py --suite resid_mlp3 --time-steps 20   # step time only
+
+`--max-steps` shortens a decomposition (recorded per row); `--time-steps N` runs N steps and records the
+seconds per step, to estimate a full run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.results import RESULTS_DIR, run_metadata, write_results  # noqa: E402
+
+CONFIGS = ROOT / "configs" / "spd"
+RESULTS_NAME = "spd_toy_suite"
+
+
+@dataclass(frozen=True)
+class Criteria:
+    """What a decomposition must reach on its `modules` (fnmatch patterns) to pass."""
+
+    modules: tuple[str, ...]
+    alive: int  # exactly this many alive components per checked module
+    min_mmcs: float = 0.99
+    max_wall_s: float | None = None  # None: no time limit
+
+
+CRITERIA: dict[str, Criteria] = {
+    "tms_5-2": Criteria(("linear1", "linear2"), alive=5, max_wall_s=600.0),
+    "tms_40-10": Criteria(("linear1", "linear2"), alive=40),
+    "resid_mlp1": Criteria(("layers.*.mlp_in",), alive=100),
+    "resid_mlp2": Criteria(("layers.*.mlp_in",), alive=100),
+    "resid_mlp3": Criteria(("layers.*.mlp_in",), alive=102),
+}
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'10-19' or '3,7,21' or '10-12,21' -> the seeds."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        seeds += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    return seeds
+
+
+def run_train(args: list[str], log: Path, threads: int) -> tuple[int, float]:
+    """`python train.py fit ARGS` with its output in `log`; (return code, wall seconds)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, str(ROOT / "train.py"), "fit", *args, "--trainer.enable_progress_bar", "false"]
+    start = time.perf_counter()
+    with log.open("w") as out:
+        done = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    return done.returncode, time.perf_counter() - start
+
+
+def run_dir(root: Path) -> Path:
+    """The newest lightning_logs/version_* under root."""
+    versions = sorted((root / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    if not versions:
+        raise FileNotFoundError(f"no run directory under {root}")
+    return versions[-1]
+
+
+def ensure_target(suite: str, work: Path, threads: int, max_steps: int | None = None) -> dict[str, Any]:
+    """Train the suite's target once (reused by every seed); its path, checks, steps and wall time.
+    max_steps shortens it (for step timing only: the decomposition's cost does not depend on it)."""
+    name = suite if max_steps is None else f"{suite}_steps{max_steps}"
+    path = work / "targets" / f"{name}.pt"
+    info_path = path.with_suffix(".json")
+    if path.is_file() and info_path.is_file():
+        return json.loads(info_path.read_text())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = work / "runs" / f"{name}_target"
+    args = ["--config", str(CONFIGS / f"{suite}_target.yaml"), "--model.init_args.save_path", str(path),
+            "--trainer.default_root_dir", str(root)]  # fmt: skip
+    if max_steps is not None:
+        args += ["--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", str(max_steps)]
+    rc, wall = run_train(args, work / f"{name}_target.log", threads)
+    if rc != 0:
+        raise RuntimeError(f"{suite} target failed (rc {rc}); see {work / f'{name}_target.log'}")
+    checks = json.loads((run_dir(root) / "target_checks.json").read_text())
+    info = {"path": str(path), "checks": checks, "wall_s": round(wall, 1), "max_steps": max_steps}
+    info_path.write_text(json.dumps(info, indent=2))
+    return info
+
+
+def ci_margins(ckpt: Path) -> dict[str, dict[str, float]]:
+    """Per module: the largest off-diagonal and smallest diagonal single-feature CI after the best
+    permutation (identity CI error counts entries beyond 0.1 / below 0.9)."""
+    import torch
+
+    from lightning_modules.spd import SPDLightningModule
+    from lightning_modules.spd.metrics import permute_to_identity, single_feature_cis
+
+    torch.set_num_threads(1)
+    module = SPDLightningModule.load_from_checkpoint(ckpt, map_location="cpu")
+    n = int(module.cm.target_model.n_features)
+    out = {}
+    for name, ci in single_feature_cis(module.cm, n).items():
+        if ci.shape[1] < n:
+            continue
+        p = permute_to_identity(ci)  # (n, C)
+        off = torch.ones_like(p, dtype=torch.bool)
+        off[:, :n].fill_diagonal_(False)
+        out[name] = {"max_off_diag_ci": float(p[off].max()), "min_diag_ci": float(p[:, :n].diagonal().min())}
+    return out
+
+
+def judge(suite: str, results: dict[str, Any], wall_s: float) -> tuple[bool, list[str]]:
+    """(passed, the failed criteria) of one decomposition's spd_results.json."""
+    crit = CRITERIA[suite]
+    failures = []
+    checked = [m for m in results["modules"] if any(fnmatch.fnmatch(m, p) for p in crit.modules)]
+    if not checked:
+        failures.append(f"no module matches {crit.modules}")
+    for name in checked:
+        row = results["modules"][name]
+        if row["alive_components"] != crit.alive:
+            failures.append(f"{name}: {row['alive_components']:g} alive (want {crit.alive})")
+        if row.get("mmcs") is None or row["mmcs"] < crit.min_mmcs:
+            failures.append(f"{name}: MMCS {row.get('mmcs')} < {crit.min_mmcs}")
+        if row.get("identity_ci_error") != 0:
+            failures.append(f"{name}: identity CI error {row.get('identity_ci_error')}")
+    if crit.max_wall_s is not None and wall_s > crit.max_wall_s:
+        failures.append(f"wall {wall_s:.0f} s > {crit.max_wall_s:.0f} s")
+    return not failures, failures
+
+
+def config_steps(suite: str) -> int:
+    """The shipped decomposition config's trainer.max_steps."""
+    import yaml
+
+    return int(yaml.safe_load((CONFIGS / f"{suite}.yaml").read_text())["trainer"]["max_steps"])
+
+
+def decompose(
+    suite: str, seed: int, target: dict[str, Any], work: Path, threads: int, max_steps: int | None
+) -> dict[str, Any]:
+    """One decomposition seed: train.py fit, then its results, margins and verdict as a results row."""
+    root = work / "runs" / f"{suite}_seed{seed}"
+    args = ["--config", str(CONFIGS / f"{suite}.yaml"), "--seed_everything", str(seed),
+            "--model.init_args.target", target["path"], "--trainer.default_root_dir", str(root)]  # fmt: skip
+    if max_steps is not None:
+        args += ["--trainer.max_steps", str(max_steps)]
+    rc, wall = run_train(args, work / f"{suite}_seed{seed}.log", threads)
+    steps = config_steps(suite) if max_steps is None else max_steps
+    row: dict[str, Any] = {"suite": suite, "seed": seed, "steps": steps, "wall_s": round(wall, 1)}
+    if rc != 0:
+        return {**row, "ran": False, "passed": False, "failures": [f"train.py exited {rc}"]}
+    directory = run_dir(root)
+    results = json.loads((directory / "spd_results.json").read_text())
+    passed, failures = judge(suite, results, wall)
+    margins = ci_margins(directory / "checkpoints" / "last.ckpt")
+    print(f"{suite} seed {seed}: {'pass' if passed else 'FAIL ' + '; '.join(failures)} ({wall:.0f} s)")
+    return {**row, "ran": True, "passed": passed, "failures": failures, "modules": results["modules"],
+            "metrics": results["metrics"], "ci_margins": margins}  # fmt: skip
+
+
+def time_steps(suite: str, target: dict[str, Any], work: Path, threads: int, steps: int) -> dict[str, Any]:
+    """Seconds per optimizer step of the shipped recipe, from two short runs (steps and 2 x steps)."""
+    walls = []
+    for n in (steps, 2 * steps):
+        root = work / "runs" / f"{suite}_timing{n}"
+        args = ["--config", str(CONFIGS / f"{suite}.yaml"), "--model.init_args.target", target["path"],
+                "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(n),
+                "--trainer.val_check_interval", str(n), "--model.init_args.evaluation.final_eval_batches", "1",
+                "--model.init_args.faithfulness_warmup.steps", "0"]  # fmt: skip
+        rc, wall = run_train(args, work / f"{suite}_timing{n}.log", threads)
+        if rc != 0:
+            raise RuntimeError(f"{suite} timing run failed (rc {rc}); see {work / f'{suite}_timing{n}.log'}")
+        walls.append(wall)
+    step_s = (walls[1] - walls[0]) / steps
+    return {"steps": [steps, 2 * steps], "walls_s": [round(w, 1) for w in walls], "step_s": round(step_s, 3),
+            "config_steps": config_steps(suite), "estimated_run_s": round(step_s * config_steps(suite))}  # fmt: skip
+
+
+def load_existing(path: Path) -> dict[str, Any]:
+    """The results file's `results` so far (empty when there is none)."""
+    if not path.is_file():
+        return {"targets": {}, "timing": {}, "runs": []}
+    return json.loads(path.read_text())["results"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one suite's seeds (or time its step) and merge the rows into the results file."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--suite", required=True, choices=sorted(CRITERIA))
+    parser.add_argument("--seeds", type=parse_seeds, default=None, help="decomposition seeds: 10-19 or 3,7")
+    parser.add_argument("--max-steps", type=int, default=None, help="shorten the decomposition")
+    parser.add_argument("--time-steps", type=int, default=None, help="only time N and 2N steps")
+    parser.add_argument(
+        "--target-max-steps", type=int, default=None, help="shorten the target (with --time-steps only)"
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="decompositions at once (1 thread each)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--work", type=Path, default=ROOT / "lightning_logs" / "spd_toy_suite")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"{RESULTS_NAME}.json")
+    args = parser.parse_args(argv)
+    if args.seeds is None and args.time_steps is None:
+        parser.error("give --seeds or --time-steps")
+    if args.target_max_steps is not None and args.seeds:
+        parser.error("--target-max-steps is for --time-steps only: decompositions need the shipped target")
+    meta = run_metadata()
+    args.work.mkdir(parents=True, exist_ok=True)
+    target = ensure_target(args.suite, args.work, args.threads, args.target_max_steps)
+    new_rows: list[dict[str, Any]] = []
+    timing = None
+    if args.time_steps is not None:
+        timing = time_steps(args.suite, target, args.work, args.threads, args.time_steps)
+        timing["target_max_steps"] = args.target_max_steps
+    if args.seeds:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = [
+                pool.submit(decompose, args.suite, s, target, args.work, args.threads, args.max_steps)
+                for s in args.seeds
+            ]
+            new_rows = [f.result() for f in futures]
+    results = load_existing(args.out)
+    if args.target_max_steps is None:
+        results["targets"][args.suite] = {"checks": target["checks"], "wall_s": target["wall_s"]}
+    if timing is not None:
+        results["timing"][args.suite] = timing
+    replaced = {(r["suite"], r["seed"]) for r in new_rows}
+    runs = [r for r in results["runs"] if (r["suite"], r["seed"]) not in replaced] + new_rows
+    results["runs"] = sorted(runs, key=lambda r: (list(CRITERIA).index(r["suite"]), r["seed"]))
+    commands = results.setdefault("commands", {}).setdefault(args.suite, [])
+    if meta["command"] not in commands:
+        commands.append(meta["command"])
+    write_results(RESULTS_NAME, meta, results, out=args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

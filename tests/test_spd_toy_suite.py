@@ -1,0 +1,72 @@
+"""The toy-suite recipes (configs/spd/tms_*, resid_mlp*) agree with their targets, and the suite's verdicts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from benchmarks.spd_toy_suite import CRITERIA, judge, parse_seeds
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "spd"
+
+
+def _load(name: str) -> dict:
+    return yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+
+
+@pytest.mark.parametrize("suite", sorted(CRITERIA))
+def test_recipe_matches_its_target(suite):
+    """Same n_features in the target, its data and the decomposition's data; C covers the features; the
+    decomposition reads the file the target writes."""
+    target, spd = _load(f"{suite}_target"), _load(suite)
+    n = target["model"]["init_args"]["model_kwargs"]["n_features"]
+    assert target["data"]["init_args"]["n_features"] == n
+    assert spd["data"]["init_args"]["n_features"] == n
+    assert spd["data"]["init_args"]["feature_prob"] == target["data"]["init_args"]["feature_prob"]
+    assert spd["model"]["init_args"]["target"] == target["model"]["init_args"]["save_path"]
+    assert all(c >= n for c in spd["model"]["init_args"]["target_module_patterns"].values())
+    assert CRITERIA[suite].alive == n
+
+
+@pytest.mark.parametrize(
+    ("suite", "d_embed", "d_mlp", "n_layers", "n_features", "C", "steps"),
+    [("resid_mlp1", 1000, 50, 1, 100, 100, 20_000), ("resid_mlp2", 1000, 25, 2, 100, 400, 25_000),
+     ("resid_mlp3", 1000, 17, 3, 102, 500, 50_000)],
+)  # fmt: skip
+def test_resid_mlp_recipes_have_the_reference_sizes(suite, d_embed, d_mlp, n_layers, n_features, C, steps):
+    """goodfire-ai/spd 3f0bb61's resid_mlp{1,2,3} sizes, C and step counts."""
+    kwargs = _load(f"{suite}_target")["model"]["init_args"]["model_kwargs"]
+    assert (kwargs["d_embed"], kwargs["d_mlp"], kwargs["n_layers"], kwargs["n_features"]) == (
+        d_embed, d_mlp, n_layers, n_features,
+    )  # fmt: skip
+    spd = _load(suite)
+    assert set(spd["model"]["init_args"]["target_module_patterns"].values()) == {C}
+    assert spd["trainer"]["max_steps"] == steps
+
+
+def test_parse_seeds():
+    assert parse_seeds("10-12,21") == [10, 11, 12, 21]
+    assert parse_seeds("3") == [3]
+
+
+def _results(alive: float, mmcs: float, err: float) -> dict:
+    row = {"alive_components": alive, "mmcs": mmcs, "identity_ci_error": err}
+    return {"modules": {"linear1": dict(row), "linear2": dict(row)}}
+
+
+def test_judge_names_each_failed_criterion():
+    assert judge("tms_5-2", _results(5.0, 0.999, 0.0), 100.0) == (True, [])
+    passed, failures = judge("tms_5-2", _results(6.0, 0.98, 1.0), 700.0)
+    assert not passed
+    text = "; ".join(failures)
+    assert "6 alive (want 5)" in text and "MMCS 0.98" in text and "identity CI error 1.0" in text
+    assert "wall 700 s" in text
+
+
+def test_judge_checks_only_mlp_in_for_resid_mlp():
+    dense = {"alive_components": 100.0, "mmcs": 0.5, "identity_ci_error": 37.0}
+    ok = {"alive_components": 100.0, "mmcs": 0.999, "identity_ci_error": 0.0}
+    results = {"modules": {"layers.0.mlp_in": ok, "layers.0.mlp_out": dense}}
+    assert judge("resid_mlp1", results, 1e4) == (True, [])
