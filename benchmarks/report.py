@@ -2,7 +2,7 @@
 
 A table lives between two marker lines; NAME is a results file's stem (benchmarks/results/NAME.json) whose
 kind (the stem's leading part: gpt_speed, spd_speed, npt_component, npt_layer, checkpoint_stall, main_job,
-tokenize_speed, generate_speed, muon_vs_adamw) has a renderer here:
+tokenize_speed, generate_speed, muon_vs_adamw, npt_experiment, spd_toy_suite) has a renderer here:
 
     <!-- results:begin gpt_speed_tiny_cpu -->
     (generated: the table and the line saying what it was measured on)
@@ -189,16 +189,22 @@ def render_gpt_speed(payload: Payload) -> list[str]:
     return lines
 
 
-SPD_IMPLS = {"naive": "naive", "ours": "ours", "ours_compile": "ours + compile"}
+SPD_IMPLS = {
+    "naive": "naive",
+    "ours_no_prefix": "ours, no prefix reuse",
+    "ours": "ours",
+    "ours_compile": "ours + compile",
+}
 
 
 def render_spd_speed(payload: Payload) -> list[str]:
-    """Naive vs ours (vs ours compiled) SPD training step, per config."""
+    """Naive vs ours (vs ours without prefix reuse, ours compiled) SPD training step, per config."""
     r = payload["results"]
     configs = r["configs"]
     impls = [i for i in SPD_IMPLS if any(i in row for row in configs.values())]
     header = ["config"] + [f"{SPD_IMPLS[i]} ms" for i in impls]
-    header += ["peak MiB " + " / ".join(SPD_IMPLS[i] for i in impls), "losses agree (max rel. diff)"]
+    header += ["naive / ours, paired steps", "peak MiB " + " / ".join(SPD_IMPLS[i] for i in impls)]
+    header += ["losses agree (max rel. diff)"]
     body = []
     for name, row in configs.items():
         naive = row["naive"]["step_ms"]
@@ -206,13 +212,17 @@ def render_spd_speed(payload: Payload) -> list[str]:
         for impl in impls:
             ms = row[impl]["step_ms"]
             cells.append(f"{ms:.1f}" if impl == "naive" else f"{ms:.1f} ({naive / ms:.2f}x)")
+        q25, q50, q75 = row["paired_speedup_quartiles"]
+        cells.append(f"{q50:.2f}x ({q25:.2f}-{q75:.2f})")
         cells.append(" / ".join(f"{row[i]['peak_mib']:.0f}" for i in impls))
         cells.append(f"{max(row['loss_rel_diff'].values()):.1e}")
         body.append(cells)
     head = (
         f"Training step (forward + backward + AdamW) on {r['device']}, {r['threads']} thread(s): median of "
-        f"{r['steps']} steps per process, median over {r['rounds']} interleaved rounds, each (config, "
-        "implementation) in its own process; speed-up against naive in brackets."
+        f"{r['steps']} steps per implementation, all implementations in one process alternating step by "
+        "step; speed-up against naive in brackets. Paired: the median (25th-75th percentile) of the ratio "
+        "of each naive step to the ours step next to it. Peak memory: each implementation alone in its own "
+        "process."
     )
     return [head, ""] + _table(header, None, body)
 
@@ -468,16 +478,117 @@ def render_muon_vs_adamw(payload: Payload) -> list[str]:
     return [head, ""] + _table(header, None, body) + tail
 
 
+def render_npt_experiment(payload: Payload) -> list[str]:
+    """NPT on the trained tiny GPT: the four variants' final perplexities, equiv_rel and acceptance."""
+    r = payload["results"]
+    acc = r["acceptance"]
+    head = (
+        f"`{r['config']}` on the main job's checkpoint, {r['max_steps']} optimizer steps per run (sequential: "
+        f"{r['max_steps'] // 2} per layer), seed_everything {r['seed']}, np_seed {r['np_seed']}, "
+        f"{r['threads']} thread(s) per run, {r['parallel']} run(s) at a time. Final evaluation on the "
+        f"validation split, free-running; accepted = NPT perplexity within {acc['max_ppl_increase']:.0%} of "
+        f"the original and >= {acc['min_recovered']:.0%} of the dropped attention's cost recovered."
+    )
+    header = ["variant", "equiv_rel (per layer)", "ppl original", "ppl NPT", "ppl attention dropped"]
+    header += ["ppl increase", "recovered", "accepted", "wall time"]
+    body = []
+    for v in r["variants"]:
+        layers = ", ".join(f"L{i} {x:.3f}" for i, x in v["equiv_rel_per_layer"].items())
+        body.append(
+            [
+                f"{v['schedule']}, {v['modulation']}",
+                f"{v['equiv_rel']:.3f} ({layers})",
+                f"{v['ppl_original']:.2f}",
+                f"{v['ppl_npt']:.2f}",
+                f"{v['ppl_attention_dropped']:.2f}",
+                f"{v['ppl_increase']:+.1%}",
+                f"{v['recovered']:.1%}",
+                "yes" if v["accepted"] else "no",
+                _duration(v["wall_s"]),
+            ]
+        )
+    tags = ", ".join(f"`{t}`" for t in r["curves"])
+    curves = f"Curves (TensorBoard): {tags}, `val/equiv_rel_layer{{i}}`."
+    return [head, ""] + _table(header, None, body) + ["", curves]
+
+
+SPD_TOY_SUITES = {
+    "tms_5-2": "TMS 5-2",
+    "tms_40-10": "TMS 40-10",
+    "resid_mlp1": "ResidMLP 1 layer",
+    "resid_mlp2": "ResidMLP 2 layers",
+    "resid_mlp3": "ResidMLP 3 layers",
+}
+
+
+def render_spd_toy_suite(payload: Payload) -> list[str]:
+    """One row per (suite, decomposition seed): verdict, alive / MMCS / identity CI error, CI margins, wall;
+    then the suites with no runs (with the measured step time where there is one)."""
+    r = payload["results"]
+    header = ["suite", "seed", "steps", "passes", "alive", "min MMCS", "identity CI error",
+              "max off-diag CI", "min diag CI", "wall", "failed criteria"]  # fmt: skip
+    body = []
+    for run in r["runs"]:
+        label = SPD_TOY_SUITES.get(run["suite"], run["suite"])
+        if not run["ran"]:
+            body.append([label, str(run["seed"]), str(run["steps"]), "**no**", *["-"] * 6, *run["failures"]])
+            continue
+        mods = run["modules"]
+        checked = list(run["ci_margins"]) if run["suite"].startswith("tms") else [
+            m for m in mods if m.endswith("mlp_in")
+        ]  # fmt: skip
+        margins = [run["ci_margins"][m] for m in checked if m in run["ci_margins"]]
+        body.append(
+            [
+                label,
+                str(run["seed"]),
+                str(run["steps"]),
+                "yes" if run["passed"] else "**no**",
+                " / ".join(f"{mods[m]['alive_components']:g}" for m in checked),
+                f"{min(mods[m]['mmcs'] for m in checked):.4f}",
+                " / ".join(f"{mods[m]['identity_ci_error']:g}" for m in checked),
+                f"{max(m['max_off_diag_ci'] for m in margins):.3f}" if margins else "-",
+                f"{min(m['min_diag_ci'] for m in margins):.3f}" if margins else "-",
+                _duration(run["wall_s"]),
+                "; ".join(run["failures"]) or "-",
+            ]
+        )
+    head = (
+        "Each decomposition seed (`seed_everything`) of the shipped `configs/spd/<suite>.yaml` on the suite's "
+        "target (trained once by `<suite>_target.yaml`, its seed as shipped), one CPU thread per run. Alive "
+        "and identity CI error per checked module (TMS: `linear1` / `linear2`; ResidMLP: each `mlp_in`); "
+        "CI margins: the largest off-diagonal and smallest diagonal single-feature CI after the best "
+        "permutation (identity CI error counts entries above 0.1 or below 0.9)."
+    )
+    tail = []
+    ran = {run["suite"] for run in r["runs"]}
+    for suite, label in SPD_TOY_SUITES.items():
+        timing = r.get("timing", {}).get(suite)
+        status = "seeds as above" if suite in ran else "not run"
+        if timing is None:
+            if suite not in ran:
+                tail.append(f"- {label}: not run.")
+            continue
+        tail.append(
+            f"- {label}: {status}; {timing['step_s']:.3f} s per step measured (`--time-steps "
+            f"{timing['steps'][0]}`), so the shipped {timing['config_steps']:,} steps take about "
+            f"{timing['estimated_run_s'] / 3600:.1f} h per seed at that speed."
+        )
+    return [head, ""] + _table(header, None, body) + ([""] + tail if tail else [])
+
+
 RENDERERS: dict[str, Callable[[Payload], list[str]]] = {
     "main_job": render_main_job,
     "gpt_speed": render_gpt_speed,
     "spd_speed": render_spd_speed,
+    "spd_toy_suite": render_spd_toy_suite,
     "npt_component": render_npt_component,
     "npt_layer": render_npt_layer,
     "checkpoint_stall": render_checkpoint_stall,
     "tokenize_speed": render_tokenize_speed,
     "generate_speed": render_generate_speed,
     "muon_vs_adamw": render_muon_vs_adamw,
+    "npt_experiment": render_npt_experiment,
 }
 
 

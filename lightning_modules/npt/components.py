@@ -25,6 +25,19 @@ Modes (which MLP weights are modulated; all targets share z):
 * ``"triple"``: also target ``"down"``: the down projection's input is the hidden activation
   ``x`` (b, s, f); ``v_a3_i = z_i W_a3_up[i]`` (f), ``v_b3_i = z_i W_b3_up[i]`` (d) and the down output
   becomes ``down(x) + Σ_i (x·v_a3_i) v_b3_i``.
+
+Modulation kinds (``modulation``), with the same parameters and the same vectors v_a_i, v_b_i:
+
+* ``"quadratic"`` (NPT): a target's output gets ``Σ_i (x·v_a_i) v_b_i`` (x its input), quadratic in a;
+* ``"linear"`` (ablation): the vectors are added instead of multiplied: each target's input gets
+  ``Σ_i v_a_i`` and its output ``Σ_i v_b_i``. For "in" the MLP input becomes ``u + Σ_i v_a_i`` (so it
+  also feeds the up projection of a gated MLP) and the input projection's output gets ``+ Σ_i v_b_i``:
+  the pre-activation ``(u + a P) W + a Q`` with ``P = W_down W_a_up`` (d x d) and ``Q = W_down W_b_up``
+  (d x f) stacked over the k components, is linear in a with rank <= k·r per map. The parameter count is
+  the quadratic one's exactly (the same tensors).
+
+Init (``init``): ``"default"`` as :meth:`NPComponent.reset_parameters` describes; ``"identity"`` gives the
+first component an identity-like ``W_a_up[0]`` (see :meth:`NPComponent.identity_init`).
 """
 
 from __future__ import annotations
@@ -40,6 +53,8 @@ MODES: dict[str, tuple[str, ...]] = {
     "dual": ("in", "up"),
     "triple": ("in", "up", "down"),
 }
+MODULATIONS = ("quadratic", "linear")
+INITS = ("default", "identity")
 # target -> (parameter name producing v_a, parameter name producing v_b)
 _TARGET_PARAMS: dict[str, tuple[str, str]] = {
     "in": ("W_a_up", "W_b_up"),
@@ -78,6 +93,8 @@ class NPComponent(nn.Module):
         seed: int | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        modulation: str = "quadratic",
+        init: str = "default",
     ) -> None:
         """Allocate stacked parameters (k, ., .) and initialise them from a private generator."""
         super().__init__()
@@ -87,6 +104,11 @@ class NPComponent(nn.Module):
         _check_positive_int("num_ranks", num_ranks)
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; valid modes: {sorted(MODES)}")
+        if modulation not in MODULATIONS:
+            raise ValueError(f"unknown modulation {modulation!r}; valid: {MODULATIONS}")
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; valid: {INITS}")
+        self.modulation_kind, self.init = modulation, init
         if not (isinstance(init_scale, (int, float)) and math.isfinite(init_scale) and init_scale > 0):
             raise ValueError(f"init_scale must be a finite number > 0, got {init_scale!r}")
         self.d_model, self.d_ffn, self.rank, self.num_ranks = d_model, d_ffn, rank, num_ranks
@@ -115,7 +137,7 @@ class NPComponent(nn.Module):
         """Shapes and mode for print(module)."""
         return (
             f"d_model={self.d_model}, d_ffn={self.d_ffn}, rank={self.rank}, "
-            f"num_ranks={self.num_ranks}, mode={self.mode!r}"
+            f"num_ranks={self.num_ranks}, mode={self.mode!r}, modulation={self.modulation_kind!r}"
         )
 
     @torch.no_grad()
@@ -138,6 +160,22 @@ class NPComponent(nn.Module):
             p = getattr(self, name)
             if p is not None:
                 p.normal_(0.0, up_std, generator=gen)
+        if self.init == "identity":
+            self.identity_init(gen)
+
+    @torch.no_grad()
+    def identity_init(self, gen: torch.Generator) -> None:
+        """Identity-like start of component 0 (the reference's "improved" init of its first component).
+
+        ``W_a_up[0]`` (r, d) becomes a tiled identity, row j = e_(j mod d), plus N(0, 0.1²) noise, so
+        v_a_0 starts as z_0 written into the first coordinates of the model space (for r <= d); ``W_b_up[0]``
+        becomes N(0, 0.01 · 2/(r + f)), a small Xavier-scaled start. The other components keep their draw.
+        """
+        r, d = self.rank, self.d_model
+        w = self.W_a_up[0]
+        w.normal_(0.0, 0.1, generator=gen)
+        w[torch.arange(r, device=w.device), torch.arange(r, device=w.device) % d] += 1.0
+        self.W_b_up[0].normal_(0.0, 0.1 * math.sqrt(2.0 / (r + self.d_ffn)), generator=gen)
 
     # ------------------------------------------------------------------ helpers
     def _pair(self, target: str) -> tuple[Tensor, Tensor]:
@@ -188,6 +226,16 @@ class NPComponent(nn.Module):
         q = q.unflatten(-1, (k, r))  # (b, s, k, r)
         c = (q * z).sum(-1, keepdim=True)  # (b, s, k, 1): u·v_a_i = z_i·q_i
         return (c * z).flatten(-2) @ w_b.reshape(k * r, -1)  # (b, s, k·r) @ (k·r, n_out) -> (b, s, n_out)
+
+    def linear_input(self, z: Tensor, target: str = "in") -> Tensor:
+        """Linear kind: Σ_i v_a_i = Σ_i z_i W_a[i], added to the target's input: (b,s,k,r) -> (b,s,n_in)."""
+        w_a, _ = self._pair(target)
+        return z.flatten(-2) @ w_a.reshape(self.num_ranks * self.rank, -1)
+
+    def linear_output(self, z: Tensor, target: str = "in") -> Tensor:
+        """Linear kind: Σ_i v_b_i = Σ_i z_i W_b[i], added to the target's output: (b,s,k,r) -> (b,s,n_out)."""
+        _, w_b = self._pair(target)
+        return z.flatten(-2) @ w_b.reshape(self.num_ranks * self.rank, -1)
 
     def forward(self, a: Tensor, u: Tensor, target: str = "in") -> Tensor:
         """Same as :meth:`modulation`: (b, s, n_in) -> (b, s, n_out)."""

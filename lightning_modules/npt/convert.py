@@ -38,6 +38,7 @@ from lightning_modules.npt.layers import (
     LlamaNPTLayer,
     NPTLayer,
     SkipLayer,
+    is_conv1d,
 )
 
 __all__ = ["FAMILIES", "NPTModel", "convert", "load_target", "mlp_sizes", "parse_layers"]
@@ -148,7 +149,7 @@ def mlp_sizes(block: nn.Module, family: str, index: int) -> tuple[int, int]:
             f"{family} MLPs have {parts}"
         )
     first = mlp.gate_proj if family == "llama" else mlp.c_fc
-    if type(first).__name__ == "Conv1D":  # weight (in, out)
+    if is_conv1d(first):  # weight (in, out)
         return int(first.weight.shape[0]), int(first.weight.shape[1])
     return int(first.in_features), int(first.out_features)
 
@@ -162,11 +163,14 @@ def convert(
     init_scale: float = 0.01,
     seed: int | None = None,
     np_dtype: torch.dtype = torch.float32,
+    modulation: str = "quadratic",
+    init: str = "default",
 ) -> NPTModel:
     """Freeze ``model`` and replace the chosen layers (default: upper half) by NPT layers, in place.
 
-    Each layer gets its own NPComponent(d, f, rank, num_ranks, mode) in ``np_dtype`` (default float32, so
-    the optimizer state stays precise under bf16 mixed precision); ``seed + layer`` seeds it.
+    Each layer gets its own NPComponent(d, f, rank, num_ranks, mode, modulation=, init=) in ``np_dtype``
+    (default float32, so the optimizer state stays precise under bf16 mixed precision); ``seed + layer``
+    seeds it.
     """
     family = detect_family(model)
     if family != "gpt":
@@ -199,6 +203,8 @@ def convert(
             seed=None if seed is None else seed + i,
             dtype=np_dtype,
             device=device,
+            modulation=modulation,
+            init=init,
         )
         blocks[i] = cls(block, component, i)
     return NPTModel(model, family, indices)
@@ -313,28 +319,41 @@ class NPTModel(nn.Module):
             for layer in self.npt_layers:
                 layer.capture = False
 
-    def student_forward(self, idx: Tensor, teacher_forced: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    def student_forward(
+        self, idx: Tensor, teacher_forced: bool, layers: Sequence[int] | None = None
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """NPT logits (b, s, vocab), per-layer outputs and targets (b, s, d) after :meth:`teacher_forward`.
 
-        Teacher-forced: every converted layer reads the teacher's hidden state (its target is the teacher's
-        output there); unconverted layers below the last converted one are skipped, and the logits see only
-        the last converted layer's error. Free-running: layers below the first converted one are skipped
-        (the first reads the teacher's input, which they would reproduce); each later layer reads the
-        previous NPT output and its target is the original layer on that same input (attention shared,
-        original MLP recomputed without grad).
+        ``layers``: the converted layers that run as NPT layers (default: all); the other converted layers
+        run as the original blocks (sequential training: only the active layer, or it and those below).
+        Outputs and targets are those of ``layers``, in order.
+
+        Teacher-forced: every NPT layer reads the teacher's hidden state (its target is the teacher's
+        output there); layers below the last NPT layer are skipped, and the logits see only the last NPT
+        layer's error. Free-running: layers below the first NPT layer are skipped (it reads the teacher's
+        input, which they would reproduce); each later layer reads the previous output and its target is the
+        original layer on that same input (attention shared, original MLP recomputed without grad).
         """
-        npt = self.npt_layers
+        chosen = self.indices if layers is None else sorted(layers)
+        if any(i not in self.indices for i in chosen) or not chosen:
+            raise ValueError(f"layers {list(chosen)} must be a non-empty subset of converted {self.indices}")
+        npt = [self.layers[i] for i in chosen]
         if any("teacher_input" not in layer.io for layer in npt):
             raise RuntimeError("student_forward needs teacher_forward(idx) on the same batch first")
-        last = self.indices[-1] if teacher_forced else self.indices[0]
-        skip = [i for i in range(last) if i not in self.indices]
+        last = chosen[-1] if teacher_forced else chosen[0]
+        skip = [i for i in range(last) if i not in chosen]
         for n, layer in enumerate(npt):
             layer.capture, layer.compute_target = True, not teacher_forced
             layer.force_input = layer.io["teacher_input"] if teacher_forced or n == 0 else None
+        before = [layer.mode for layer in self.npt_layers]
+        for i, layer in zip(self.indices, self.npt_layers):
+            layer.mode = "npt" if i in chosen else "original"
         try:
-            with self._skipping(skip), self.mode("npt"):
+            with self._skipping(skip):
                 logits = self(idx)
         finally:
+            for layer, m in zip(self.npt_layers, before):
+                layer.mode = m
             for layer in npt:
                 layer.capture, layer.compute_target, layer.force_input = False, False, None
         outputs = [layer.io["output"] for layer in npt]

@@ -9,7 +9,9 @@ forward still drives the model (embeddings, RoPE tables, causal/GQA masks, final
   turned by the :class:`~lightning_modules.npt.components.NPComponent` into a per-token rank-k update of
   the MLP input weight (and up / down in dual / triple mode): ``u (W + ΔW)``, factored, never forming ΔW;
 * ``"exact"``: the same NPT structure with the exact rank-1 patches of Dherin et al. (exact_patch.py) in
-  place of the learned modulation; reproduces the original layer (a check and the gap's reference).
+  place of the learned modulation; reproduces the original layer (a check and the gap's reference);
+* ``"dropped"``: the baseline NPT must beat: ``out = h + MLP(norm2(h))``, the attention output simply
+  dropped (the NPT layer with its modulation forced to zero; the MLP still runs).
 
 The attention is always the block's own module called with the arguments the target model passed
 (RoPE position embeddings, causal mask, GQA), never a re-implementation.
@@ -32,7 +34,13 @@ from lightning_modules.npt.exact_patch import (
     rank1_modulation,
 )
 
-LAYER_MODES = ("npt", "original", "exact")
+
+def is_conv1d(module: nn.Module) -> bool:
+    """A `transformers` Conv1D ((in, out) weight), also once parametrized (frozen_dtype storage)."""
+    return any(cls.__name__ == "Conv1D" for cls in type(module).__mro__)
+
+
+LAYER_MODES = ("npt", "original", "exact", "dropped")
 
 
 class NPTLayer(nn.Module):
@@ -97,7 +105,7 @@ class NPTLayer(nn.Module):
             raise ValueError(
                 f"no dense float weight in {type(module).__name__} (8-bit?); the exact patch needs one"
             )
-        return weight.t() if type(module).__name__ == "Conv1D" else weight
+        return weight.t() if is_conv1d(module) else weight
 
     # ------------------------------------------------------------------ forward
     def extra_repr(self) -> str:
@@ -122,6 +130,8 @@ class NPTLayer(nn.Module):
             return out
         if self.mode not in LAYER_MODES:
             raise ValueError(f"unknown layer mode {self.mode!r}; valid: {LAYER_MODES}")
+        if self.mode == "dropped":
+            return h + self.original_mlp(self.norm2(h))
         call = self._bind(h, args, kwargs)
         a = self.attention(self.norm1(h), call)  # (b, s, d): NOT added to the residual
         u = self.norm2(h)  # (b, s, d)
@@ -143,6 +153,8 @@ class NPTLayer(nn.Module):
         if z is None:
             z = self.np.project(a)  # (b, s, k, r), shared by every target
         targets = self.np.targets
+        if self.np.modulation_kind == "linear":
+            return self.mlp_linear(u, z)
         g = in_proj(u) + self.np.modulation(a, u, "in", z=z)  # (b, s, f)
         if up_proj is None:
             s = self.act(g)
@@ -155,6 +167,32 @@ class NPTLayer(nn.Module):
         if "down" in targets:
             y = y + self.np.modulation(a, s, "down", z=z)
         return self.mlp_dropout(y)
+
+    def mlp_linear(self, u: Tensor, z: Tensor) -> Tensor:
+        """Linear ablation: each target's input gets Σ_i v_a_i and its output Σ_i v_b_i; (b, s, d)."""
+        in_proj, up_proj, down_proj = self.mlp_modules()
+        targets = self.np.targets
+        x = u + self.np.linear_input(z, "in")  # the MLP input, shared by the gate and up projections
+        g = in_proj(x) + self.np.linear_output(z, "in")
+        if up_proj is None:
+            s = self.act(g)
+        else:
+            up = up_proj(x)
+            if "up" in targets:
+                up = up + self.np.linear_output(z, "up")
+            s = self.act(g) * up
+        if "down" in targets:
+            s = s + self.np.linear_input(z, "down")
+            return self.mlp_dropout(down_proj(s) + self.np.linear_output(z, "down"))
+        return self.mlp_dropout(down_proj(s))
+
+    def in_modulation(self, a: Tensor, u: Tensor) -> Tensor:
+        """What a adds to the MLP input projection's output (b, s, f): u ΔW, or the linear kind's shift."""
+        if self.np.modulation_kind == "quadratic":
+            return self.np.modulation(a, u, "in")
+        z = self.np.project(a)
+        in_proj = self.mlp_modules()[0]
+        return in_proj(u + self.np.linear_input(z, "in")) - in_proj(u) + self.np.linear_output(z, "in")
 
     def mlp_exact(self, h: Tensor, a: Tensor, u: Tensor) -> Tensor:
         """MLP with the exact rank-1 patches (in, up, down) of Dherin et al.: equals a + MLP(norm2(h + a))."""
@@ -179,6 +217,8 @@ class NPTLayer(nn.Module):
             return {}
         h, a, u = self.io["input"], self.io["a"], self.io["u"]
         out = self.np.stats(a, u, "in")
+        m_learned = self.in_modulation(a, u).float()
+        out["modulation_norm"] = m_learned.norm(dim=-1).mean()
         in_proj = self.mlp_modules()[0]
         try:
             weight = self.linear_weight(in_proj)
@@ -186,7 +226,7 @@ class NPTLayer(nn.Module):
             return out
         v_a, v_b = exact_rank1_patch(u, self.norm2(h + a), weight)  # exact: u·v_a = 1, v_b = W δ
         m_exact = rank1_modulation(u, v_a, v_b)  # (b, s, f)
-        out["modulation_gap"] = modulation_gap(self.np.modulation(a, u, "in").float(), m_exact.float())
+        out["modulation_gap"] = modulation_gap(m_learned, m_exact.float())
         return out
 
 
