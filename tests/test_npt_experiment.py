@@ -35,6 +35,7 @@ def test_variant_command_lines(tmp_path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.result
 @pytest.mark.skipif(not TARGET.is_file(), reason=f"no main-job checkpoint at {TARGET} (set NPT_TARGET_CKPT)")
 def test_recipe_reaches_the_acceptance(tmp_path) -> None:
     """Joint quadratic on the trained tiny GPT: NPT ppl within 5% of the original, >= 80% recovered."""

@@ -496,6 +496,7 @@ def test_train_cli_missing_target_names_the_path(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.result
 def test_shipped_tms_5_2_recipe_meets_acceptance(tmp_path):
     """The README commands: target, then the decomposition; per module 5 alive, MMCS >= 0.99, identity CI 0."""
     run_train(tmp_path, "fit", "--config", str(SPD_CONFIGS / "tms_5-2_target.yaml"), timeout=1800)
