@@ -13,6 +13,11 @@ Variants (all include the dense u Wᵀ, so each row is the cost of the whole mod
 
 Peak memory is CUDA max_memory_allocated above the pre-call baseline; on CPU only time is reported.
 Prints a markdown table and writes benchmarks/results/npt_component_<shape>_<device>.json (or --json).
+
+--sweep times forward+backward only, of loop, batched, factored and materialised, over a grid of (k, r)
+at the shape's d, f, batch, seq (time against k·r); writes npt_component_sweep_<device>.json:
+
+    python benchmarks/npt_component.py --device cpu --sweep --threads 1   # ~3 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -209,6 +214,71 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+SWEEP_VARIANTS = ("loop", "batched", "factored", "materialised")
+
+
+def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    """Median forward+backward ms of each SWEEP_VARIANTS form per (k, r) in args.sweep_k x args.sweep_r.
+
+    Every point builds its own component (the inputs are shared); within a point the forms are interleaved
+    round by round, so a load change hits all alike. The materialised form is skipped where ΔW would
+    exceed 2 GiB.
+    """
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    shape = SHAPES[args.shape]
+    b, s, d, f = shape["batch"], shape["seq"], shape["d"], shape["f"]
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(b, s, d, generator=gen, device=device, dtype=dtype)
+    u = torch.randn(b, s, d, generator=gen, device=device, dtype=dtype)
+    w = torch.randn(f, d, generator=gen, device=device, dtype=dtype) / d**0.5
+    g = torch.randn(b, s, f, generator=gen, device=device, dtype=dtype)
+    variants = {n: VARIANTS[n] for n in SWEEP_VARIANTS}
+    if b * s * d * f * 4 > MATERIALISE_LIMIT_BYTES:
+        del variants["materialised"]
+    points = []
+    for k in args.sweep_k:
+        for r in args.sweep_r:
+            comp = NPComponent(d, f, rank=r, num_ranks=k, init_scale=1.0, seed=0, dtype=dtype, device=device)
+
+            def fwd_bwd(fn: Variant, comp: NPComponent = comp) -> Callable[[], Any]:
+                def call() -> None:
+                    comp.zero_grad(set_to_none=True)
+                    (fn(comp, a, u, w) * g).sum().backward()
+
+                return call
+
+            times: dict[str, list[float]] = {n: [] for n in variants}
+            for rnd in range(args.warmup + args.repeats):
+                for name, fn in variants.items():
+                    dt, _ = _measure(fwd_bwd(fn), device)
+                    if rnd >= args.warmup:
+                        times[name].append(dt)
+            row = {"k": k, "r": r, "kr": k * r}
+            row.update({f"{n}_fwd_bwd_ms": statistics.median(t) * 1e3 for n, t in times.items()})
+            points.append(row)
+            print(
+                " ".join(
+                    f"{key} {val:.2f}" if isinstance(val, float) else f"{key} {val}"
+                    for key, val in row.items()
+                )
+            )
+    return {
+        "shape": args.shape,
+        "d": d,
+        "f": f,
+        "batch": b,
+        "seq": s,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "repeats": args.repeats,
+        "variants": list(variants),
+        "points": points,
+    }
+
+
 def to_markdown(res: dict[str, Any]) -> str:
     """Markdown table of one run."""
 
@@ -258,12 +328,19 @@ def main() -> None:
     p.add_argument("--skip-big-init", action="store_true", help="don't time init at llama8b shapes")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--sweep", action="store_true", help="forward+backward over the (k, r) grid below")
+    p.add_argument("--sweep-k", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="k values of --sweep")
+    p.add_argument("--sweep-r", type=int, nargs="+", default=[4, 8, 16], help="r values of --sweep")
     args = p.parse_args()
     if args.shape is None:
         args.shape = "llama8b" if args.device.startswith("cuda") else "small"
     if args.threads:
         torch.set_num_threads(args.threads)
     meta = run_metadata()
+    if args.sweep:
+        res = run_sweep(args)
+        write_results(f"npt_component_sweep_{args.device.split(':')[0]}", meta, res, out=args.json)
+        return
     res = run(args)
     print(to_markdown(res))
     write_results(f"npt_component_{args.shape}_{args.device.split(':')[0]}", meta, res, out=args.json)

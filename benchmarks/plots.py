@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # python benchmarks/plots.py
 
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 from benchmarks.report import provenance  # noqa: E402
 from benchmarks.results import REPO_ROOT, RESULTS_DIR  # noqa: E402
@@ -153,21 +154,75 @@ def plot_npt_component(payload: Payload) -> Figure:
     return fig
 
 
+NPT_SWEEP_COLOURS = {
+    "loop": "tab:red",
+    "batched": "tab:purple",
+    "factored": "tab:blue",
+    "materialised": "tab:gray",
+}
+NPT_SWEEP_MARKERS = ("o", "s", "^", "D", "v")
+
+
+def plot_npt_component_sweep(payload: Payload) -> Figure:
+    """Forward+backward time against k·r, log-log: colour is the form, marker (one line each) the rank r."""
+    r = payload["results"]
+    ranks = sorted({p["r"] for p in r["points"]})
+    ks = sorted({p["k"] for p in r["points"]})
+    fig, ax = new_figure(size=(8.0, 5.4))
+    for form in r["variants"]:
+        colour = NPT_SWEEP_COLOURS.get(form)
+        for rank, marker in zip(ranks, NPT_SWEEP_MARKERS):
+            pts = sorted((p for p in r["points"] if p["r"] == rank), key=lambda p: p["kr"])
+            ax.plot([p["kr"] for p in pts], [p[f"{form}_fwd_bwd_ms"] for p in pts], color=colour,
+                    marker=marker, ms=4, lw=1.2, alpha=0.9)  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    krs = sorted({p["kr"] for p in r["points"]})
+    ax.set_xticks(krs, [str(x) for x in krs])
+    ax.minorticks_off()
+    forms = [
+        Line2D([], [], color=NPT_SWEEP_COLOURS.get(f), lw=2, label=NPT_VARIANTS[f].replace("\n", " "))
+        for f in r["variants"]
+    ]
+    marks = [
+        Line2D(
+            [],
+            [],
+            color="k",
+            ls="",
+            marker=m,
+            label=f"r = {rank} (k = {', '.join(map(str, ks))} along the line)",
+        )
+        for rank, m in zip(ranks, NPT_SWEEP_MARKERS)
+    ]
+    ax.legend(handles=forms + marks, fontsize=8, loc="best")
+    ax.set_xlabel("k·r (components x rank, log scale)")
+    ax.set_ylabel("forward + backward time (ms, median, log scale)")
+    ax.set_title(
+        f"NPT component cost against k·r (d {r['d']}, f {r['f']}, {r['batch']} x {r['seq']} tokens, "
+        f"{r['device']}, {r['threads']} thread)"
+    )
+    _footnote(fig, payload["meta"])
+    return fig
+
+
 PLOTTERS: dict[str, Callable[[Payload], Figure]] = {
     "gpt_speed": plot_gpt_speed,
     "muon_vs_adamw": plot_muon_vs_adamw,
     "spd_speed": plot_spd_speed,
     "npt_component": plot_npt_component,
+    "npt_component_sweep": plot_npt_component_sweep,
 }
 
 
 def plotted(results_dir: Path = RESULTS_DIR) -> dict[str, Callable[[Payload], Figure]]:
-    """{results stem: plotter} for every results file of a plotted kind."""
+    """{results stem: plotter} for every results file of a plotted kind (the longest kind its stem starts
+    with, so npt_component_sweep_cpu is a sweep, not an npt_component result)."""
     out = {}
     for path in sorted(results_dir.glob("*.json")):
-        for kind, plotter in PLOTTERS.items():
-            if path.stem == kind or path.stem.startswith(kind + "_"):
-                out[path.stem] = plotter
+        kinds = [k for k in PLOTTERS if path.stem == k or path.stem.startswith(k + "_")]
+        if kinds:
+            out[path.stem] = PLOTTERS[max(kinds, key=len)]
     return out
 
 

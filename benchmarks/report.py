@@ -1,8 +1,9 @@
 """Regenerate the results tables in README.md and docs/*.md from the committed benchmarks/results/*.json.
 
 A table lives between two marker lines; NAME is a results file's stem (benchmarks/results/NAME.json) whose
-kind (the stem's leading part: gpt_speed, spd_speed, npt_component, npt_layer, checkpoint_stall, main_job,
-tokenize_speed, generate_speed, muon_vs_adamw, npt_experiment, spd_toy_suite) has a renderer here:
+kind (the stem's longest known leading part: gpt_speed, spd_speed, npt_component, npt_component_sweep,
+npt_layer, checkpoint_stall, main_job, tokenize_speed, generate_speed, muon_vs_adamw, npt_experiment,
+spd_toy_suite) has a renderer here:
 
     <!-- results:begin gpt_speed_tiny_cpu -->
     (generated: the table and the line saying what it was measured on)
@@ -270,6 +271,34 @@ def render_npt_component(payload: Payload) -> list[str]:
         for shape, t in r["init_s"].items()
     ]
     return lines + [""] + init
+
+
+NPT_SWEEP_LABELS = {
+    "loop": "loop",
+    "batched": "batched",
+    "factored": "**factored**",
+    "materialised": "materialised ΔW",
+}
+
+
+def render_npt_component_sweep(payload: Payload) -> list[str]:
+    """Forward+backward ms of each form per (k, r), sorted by k·r, with each form's ratio to factored."""
+    r = payload["results"]
+    forms = r["variants"]
+    others = [n for n in forms if n != "factored"]
+    header = ["k", "r", "k·r"] + [f"{NPT_SWEEP_LABELS.get(n, n)} ms" for n in forms]
+    header += [f"{n} / factored" for n in others]
+    body = []
+    for p in sorted(r["points"], key=lambda p: (p["kr"], p["k"])):
+        fac = p["factored_fwd_bwd_ms"]
+        cells = [str(p["k"]), str(p["r"]), str(p["kr"])] + [_num(p[f"{n}_fwd_bwd_ms"]) for n in forms]
+        body.append(cells + [_ratio(p[f"{n}_fwd_bwd_ms"] / fac) for n in others])
+    head = (
+        f"Forward+backward of u (W + ΔW), shape {r['shape']}: d {r['d']}, f {r['f']}, batch {r['batch']} x "
+        f"{r['seq']}; {r['dtype']} on {r['device']}, {r['threads']} thread(s); medians of {r['repeats']} "
+        f"interleaved rounds per (k, r)."
+    )
+    return [head, ""] + _table(header, None, body)
 
 
 NPT_LAYER_LABELS = {
@@ -583,6 +612,7 @@ RENDERERS: dict[str, Callable[[Payload], list[str]]] = {
     "spd_speed": render_spd_speed,
     "spd_toy_suite": render_spd_toy_suite,
     "npt_component": render_npt_component,
+    "npt_component_sweep": render_npt_component_sweep,
     "npt_layer": render_npt_layer,
     "checkpoint_stall": render_checkpoint_stall,
     "tokenize_speed": render_tokenize_speed,

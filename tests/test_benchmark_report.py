@@ -35,6 +35,16 @@ def test_committed_results_carry_run_metadata(path: Path) -> None:
         )
 
 
+def test_npt_sweep_has_its_own_renderer() -> None:
+    """npt_component_sweep_cpu renders as a sweep (longest kind): a row per (k, r), ratios to factored."""
+    assert report.kind_of("npt_component_sweep_cpu") == "npt_component_sweep"
+    assert report.kind_of("npt_component_small_cpu") == "npt_component"
+    payload = json.loads((RESULTS_DIR / "npt_component_sweep_cpu.json").read_text())
+    lines = report.render_npt_component_sweep(payload)
+    rows = [line for line in lines if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == len(payload["results"]["points"]) and "loop / factored" in lines[2]
+
+
 META = {
     "commit": "0123456789abcdef",
     "dirty": False,

@@ -383,7 +383,15 @@ def test_benchmark_plots_draw_every_results_file_and_the_docs_have_them(tmp_path
     from benchmarks import plots
 
     stems = set(plots.plotted())
-    assert {"muon_vs_adamw", "spd_speed_cpu", "npt_component_small_cpu", "gpt_speed_tiny_cpu"} <= stems
+    assert {
+        "muon_vs_adamw",
+        "spd_speed_cpu",
+        "npt_component_small_cpu",
+        "npt_component_sweep_cpu",
+        "gpt_speed_tiny_cpu",
+    } <= stems
+    assert plots.plotted()["npt_component_sweep_cpu"] is plots.plot_npt_component_sweep
+    assert plots.plotted()["npt_component_small_cpu"] is plots.plot_npt_component
     for stem, plotter in plots.plotted().items():
         check_figure(plotter(json.loads((plots.RESULTS_DIR / f"{stem}.json").read_text())))
     assert plots.main(["--out", str(tmp_path)]) == 0
