@@ -11,13 +11,12 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_modules.npt.module import NPTLightningModule, relative_mse
+from tests.helpers.npt import TINY_GPT, VOCAB, npt_trainer, tiny_npt_module, token_loader
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_GPT = dict(block_size=32, n_layer=3, n_head=2, n_embd=32)
-VOCAB = 64
 
 
 @pytest.fixture(autouse=True)
@@ -28,29 +27,15 @@ def _one_thread():
 
 
 def _module(**kwargs) -> NPTLightningModule:
-    args = dict(target_config=TINY_GPT, vocab_size=VOCAB, layers="1:3", rank=4, num_ranks=2, warmup_steps=2)
-    return NPTLightningModule(**{**args, **kwargs})
+    return tiny_npt_module(**kwargs)
 
 
 def _loader(n: int = 64, seq: int = 16, batch: int = 8) -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, VOCAB, (n, seq + 1), generator=g)
-    return DataLoader(TensorDataset(x[:, :-1], x[:, 1:]), batch_size=batch)
+    return token_loader(n, seq, batch)
 
 
 def _trainer(tmp_path: Path, steps: int, **kwargs) -> pl.Trainer:
-    args = dict(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        log_every_n_steps=1,
-        num_sanity_val_steps=0,
-    )
-    return pl.Trainer(**{**args, **kwargs})
+    return npt_trainer(tmp_path, steps, **kwargs)
 
 
 def test_relative_mse_normalises_by_target_mean_square() -> None:

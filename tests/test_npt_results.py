@@ -9,15 +9,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_modules.npt.components import NPComponent
 from lightning_modules.npt.convert import convert, load_target
 from lightning_modules.npt.module import NPTLightningModule, recovered_fraction, update_relative_mse
 from lightning_modules.npt.storage import frozen_bytes
-
-TINY_GPT = dict(block_size=32, n_layer=3, n_head=2, n_embd=32)
-VOCAB = 64
+from tests.helpers.npt import TINY_GPT, npt_trainer, tiny_npt_module, token_loader
 
 
 @pytest.fixture(autouse=True)
@@ -28,30 +26,15 @@ def _one_thread():
 
 
 def _module(**kwargs) -> NPTLightningModule:
-    args = dict(target_config=TINY_GPT, vocab_size=VOCAB, layers="1:3", rank=4, num_ranks=2, warmup_steps=2)
-    return NPTLightningModule(**{**args, **kwargs})
+    return tiny_npt_module(**kwargs)
 
 
 def _loader(n: int = 32, seq: int = 16, batch: int = 8) -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, VOCAB, (n, seq + 1), generator=g)
-    return DataLoader(TensorDataset(x[:, :-1], x[:, 1:]), batch_size=batch)
+    return token_loader(n, seq, batch)
 
 
 def _trainer(tmp_path: Path, steps: int, **kwargs) -> pl.Trainer:
-    args = dict(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        log_every_n_steps=1,
-        num_sanity_val_steps=0,
-        limit_val_batches=2,
-    )
-    return pl.Trainer(**{**args, **kwargs})
+    return npt_trainer(tmp_path, steps, **{"limit_val_batches": 2, **kwargs})
 
 
 def _zero_modulation(module: NPTLightningModule) -> None:
