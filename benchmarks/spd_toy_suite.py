@@ -14,7 +14,10 @@ checkpoint, and the run's wall time. Results merge into benchmarks/results/spd_t
     python benchmarks/spd_toy_suite.py --suite resid_mlp3 --time-steps 20   # step time only
 
 `--max-steps` shortens a decomposition (recorded per row); `--time-steps N` runs N steps and records the
-seconds per step, to estimate a full run.
+seconds per step, to estimate a full run. `--accelerator gpu` runs the targets and decompositions on a GPU
+(`--jobs N` then shares one GPU between N runs; the accelerator is recorded per row):
+
+    python benchmarks/spd_toy_suite.py --suite resid_mlp2 --seeds 10-14 --jobs 5 --accelerator gpu
 """
 
 from __future__ import annotations
@@ -68,10 +71,24 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def run_train(args: list[str], log: Path, threads: int) -> tuple[int, float]:
-    """`python train.py fit ARGS` with its output in `log`; (return code, wall seconds)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, str(ROOT / "train.py"), "fit", *args, "--trainer.enable_progress_bar", "false"]
+@dataclass(frozen=True)
+class Machine:
+    """Where each train.py run goes: CPU threads per run, and cpu or gpu."""
+
+    threads: int = 1
+    accelerator: str = "cpu"
+
+    def trainer_args(self) -> list[str]:
+        """The command-line overrides that put a shipped config (accelerator: cpu) on this machine."""
+        return ["--trainer.accelerator", self.accelerator, "--trainer.devices", "1"]
+
+
+def run_train(args: list[str], log: Path, machine: Machine) -> tuple[int, float]:
+    """`python train.py fit ARGS` on `machine` with its output in `log`; (return code, wall seconds)."""
+    threads = str(machine.threads)
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    cmd = [sys.executable, str(ROOT / "train.py"), "fit", *args, *machine.trainer_args(),
+           "--trainer.enable_progress_bar", "false"]  # fmt: skip
     start = time.perf_counter()
     with log.open("w") as out:
         done = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -86,7 +103,7 @@ def run_dir(root: Path) -> Path:
     return versions[-1]
 
 
-def ensure_target(suite: str, work: Path, threads: int, max_steps: int | None = None) -> dict[str, Any]:
+def ensure_target(suite: str, work: Path, machine: Machine, max_steps: int | None = None) -> dict[str, Any]:
     """Train the suite's target once (reused by every seed); its path, checks, steps and wall time.
     max_steps shortens it (for step timing only: the decomposition's cost does not depend on it)."""
     name = suite if max_steps is None else f"{suite}_steps{max_steps}"
@@ -100,7 +117,7 @@ def ensure_target(suite: str, work: Path, threads: int, max_steps: int | None = 
             "--trainer.default_root_dir", str(root)]  # fmt: skip
     if max_steps is not None:
         args += ["--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", str(max_steps)]
-    rc, wall = run_train(args, work / f"{name}_target.log", threads)
+    rc, wall = run_train(args, work / f"{name}_target.log", machine)
     if rc != 0:
         raise RuntimeError(f"{suite} target failed (rc {rc}); see {work / f'{name}_target.log'}")
     checks = json.loads((run_dir(root) / "target_checks.json").read_text())
@@ -159,7 +176,7 @@ def config_steps(suite: str) -> int:
 
 
 def decompose(
-    suite: str, seed: int, target: dict[str, Any], work: Path, threads: int, max_steps: int | None
+    suite: str, seed: int, target: dict[str, Any], work: Path, machine: Machine, max_steps: int | None
 ) -> dict[str, Any]:
     """One decomposition seed: train.py fit, then its results, margins and verdict as a results row."""
     root = work / "runs" / f"{suite}_seed{seed}"
@@ -167,9 +184,10 @@ def decompose(
             "--model.init_args.target", target["path"], "--trainer.default_root_dir", str(root)]  # fmt: skip
     if max_steps is not None:
         args += ["--trainer.max_steps", str(max_steps)]
-    rc, wall = run_train(args, work / f"{suite}_seed{seed}.log", threads)
+    rc, wall = run_train(args, work / f"{suite}_seed{seed}.log", machine)
     steps = config_steps(suite) if max_steps is None else max_steps
-    row: dict[str, Any] = {"suite": suite, "seed": seed, "steps": steps, "wall_s": round(wall, 1)}
+    row: dict[str, Any] = {"suite": suite, "seed": seed, "steps": steps, "wall_s": round(wall, 1),
+                           "accelerator": machine.accelerator}  # fmt: skip
     if rc != 0:
         return {**row, "ran": False, "passed": False, "failures": [f"train.py exited {rc}"]}
     directory = run_dir(root)
@@ -181,7 +199,9 @@ def decompose(
             "metrics": results["metrics"], "ci_margins": margins}  # fmt: skip
 
 
-def time_steps(suite: str, target: dict[str, Any], work: Path, threads: int, steps: int) -> dict[str, Any]:
+def time_steps(
+    suite: str, target: dict[str, Any], work: Path, machine: Machine, steps: int
+) -> dict[str, Any]:
     """Seconds per optimizer step of the shipped recipe, from two short runs (steps and 2 x steps)."""
     walls = []
     for n in (steps, 2 * steps):
@@ -190,13 +210,14 @@ def time_steps(suite: str, target: dict[str, Any], work: Path, threads: int, ste
                 "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(n),
                 "--trainer.val_check_interval", str(n), "--model.init_args.evaluation.final_eval_batches", "1",
                 "--model.init_args.faithfulness_warmup.steps", "0"]  # fmt: skip
-        rc, wall = run_train(args, work / f"{suite}_timing{n}.log", threads)
+        rc, wall = run_train(args, work / f"{suite}_timing{n}.log", machine)
         if rc != 0:
             raise RuntimeError(f"{suite} timing run failed (rc {rc}); see {work / f'{suite}_timing{n}.log'}")
         walls.append(wall)
     step_s = (walls[1] - walls[0]) / steps
     return {"steps": [steps, 2 * steps], "walls_s": [round(w, 1) for w in walls], "step_s": round(step_s, 3),
-            "config_steps": config_steps(suite), "estimated_run_s": round(step_s * config_steps(suite))}  # fmt: skip
+            "config_steps": config_steps(suite), "estimated_run_s": round(step_s * config_steps(suite)),
+            "accelerator": machine.accelerator}  # fmt: skip
 
 
 def load_existing(path: Path) -> dict[str, Any]:
@@ -219,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         "--target-max-steps", type=int, default=None, help="shorten the target (with --time-steps only)"
     )
     parser.add_argument("--jobs", type=int, default=1, help="decompositions at once (1 thread each)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per run")
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--work", type=Path, default=ROOT / "lightning_logs" / "spd_toy_suite")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"{RESULTS_NAME}.json")
     args = parser.parse_args(argv)
@@ -228,17 +250,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.target_max_steps is not None and args.seeds:
         parser.error("--target-max-steps is for --time-steps only: decompositions need the shipped target")
     meta = run_metadata()
+    machine = Machine(args.threads, args.accelerator)
     args.work.mkdir(parents=True, exist_ok=True)
-    target = ensure_target(args.suite, args.work, args.threads, args.target_max_steps)
+    target = ensure_target(args.suite, args.work, machine, args.target_max_steps)
     new_rows: list[dict[str, Any]] = []
     timing = None
     if args.time_steps is not None:
-        timing = time_steps(args.suite, target, args.work, args.threads, args.time_steps)
+        timing = time_steps(args.suite, target, args.work, machine, args.time_steps)
         timing["target_max_steps"] = args.target_max_steps
     if args.seeds:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             futures = [
-                pool.submit(decompose, args.suite, s, target, args.work, args.threads, args.max_steps)
+                pool.submit(decompose, args.suite, s, target, args.work, machine, args.max_steps)
                 for s in args.seeds
             ]
             new_rows = [f.result() for f in futures]

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks.spd_toy_suite import CRITERIA, judge, parse_seeds
+from benchmarks import spd_toy_suite
+from benchmarks.spd_toy_suite import CRITERIA, Machine, judge, parse_seeds
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "spd"
 
@@ -70,3 +71,21 @@ def test_judge_checks_only_mlp_in_for_resid_mlp():
     ok = {"alive_components": 100.0, "mmcs": 0.999, "identity_ci_error": 0.0}
     results = {"modules": {"layers.0.mlp_in": ok, "layers.0.mlp_out": dense}}
     assert judge("resid_mlp1", results, 1e4) == (True, [])
+
+
+@pytest.mark.parametrize("accelerator", ["cpu", "gpu"])
+def test_run_train_puts_the_shipped_config_on_the_chosen_machine(accelerator, tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run(cmd, cwd, stdout, stderr, env):
+        seen.update(cmd=cmd, env=env)
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(spd_toy_suite.subprocess, "run", fake_run)
+    rc, _ = spd_toy_suite.run_train(["--config", "x.yaml"], tmp_path / "log", Machine(3, accelerator))
+    cmd = seen["cmd"]
+    assert rc == 0 and cmd[cmd.index("fit") + 1 : cmd.index("fit") + 3] == ["--config", "x.yaml"]
+    # the override comes after --config, so it wins over the shipped `accelerator: cpu`
+    assert cmd[cmd.index("--trainer.accelerator") + 1] == accelerator
+    assert cmd.index("--trainer.accelerator") > cmd.index("--config")
+    assert seen["env"]["OMP_NUM_THREADS"] == "3"
