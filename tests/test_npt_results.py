@@ -132,6 +132,25 @@ def test_modulation_norms_per_token_and_zero_without_modulation() -> None:
     assert all(n.abs().max() == 0 for n in module.modulation_norms(x).values())
 
 
+def test_validation_keeps_the_first_batch_norms_from_its_own_pass() -> None:
+    """The histogram's norms come from the validation pass itself (no second forward), equal to a fresh
+    free-running pass on the same tokens, and only the first batch's are kept."""
+    module = _module()
+    module.eval()
+    batches = iter(_loader())
+    x, y = next(batches)
+    module._eval_batch(x, y, keep_norms=True)
+    kept = module._figure_norms
+    module.npt.clear()
+    fresh = module.modulation_norms(x)
+    assert set(kept) == set(fresh) == {1, 2}
+    for i in fresh:
+        torch.testing.assert_close(kept[i], fresh[i])
+    x2, y2 = next(batches)
+    module._eval_batch(x2, y2)
+    assert module._figure_norms is kept
+
+
 # ---------------------------------------------------------------------------------------------- sequential
 def test_sequential_needs_matching_max_steps(tmp_path) -> None:
     with pytest.raises(ValueError, match="steps_per_layer"):

@@ -311,9 +311,12 @@ class NPTLightningModule(pl.LightningModule):
         self.npt.clear()
 
     @torch.no_grad()
-    def _eval_batch(self, x: Tensor, y: Tensor) -> dict[str, Any]:
-        """Free-running losses on (x, y) and the three perplexities' cross-entropies into the metrics."""
+    def _eval_batch(self, x: Tensor, y: Tensor, keep_norms: bool = False) -> dict[str, Any]:
+        """Free-running losses on (x, y) and the three perplexities' cross-entropies into the metrics;
+        keep_norms: also keep this pass's per-token modulation norms for the validation's histogram."""
         out = self.losses(x, teacher_forced=False)  # the deployed condition: NPT layers feed each other
+        if keep_norms:
+            self._figure_norms = self._recorded_modulation_norms()
         for i, rel in zip(out["run"], out["layers_rel"]):
             self.val_rel[i].update(rel)
         with self.npt.mode("dropped"):
@@ -326,9 +329,8 @@ class NPTLightningModule(pl.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        if batch_idx == 0:
-            self._figure_batch = x  # the modulation-norm histogram's tokens (figures at the epoch's end)
-        out = self._eval_batch(x, y)
+        # the first batch's modulation norms feed the histogram drawn at the epoch's end
+        out = self._eval_batch(x, y, keep_norms=batch_idx == 0)
         self._log_terms("val", out, on_epoch=True)
         self._log_stats("val_stats", on_epoch=True)
         self.npt.clear()
@@ -361,10 +363,9 @@ class NPTLightningModule(pl.LightningModule):
                 self.val_history.setdefault(name, []).append((int(self.global_step), float(value)))
         self._log_figures()
 
-    def _figures(self, x: Tensor | None) -> dict[str, Any]:
-        """{tag: Figure}: equivalence error and perplexities over training, and (given token ids x) the
-        per-token modulation norms per layer (npt/figures.py)."""
-        norms = self.modulation_norms(x) if x is not None else None  # a forward: on every rank
+    def _figures(self, norms: dict[int, Tensor] | None) -> dict[str, Any]:
+        """{tag: Figure}: equivalence error and perplexities over training, and (given them) the per-token
+        modulation norms per layer (npt/figures.py)."""
         if self.global_rank != 0:
             return {}
         figures = history_figures(self.val_history, int(self.global_step))
@@ -374,8 +375,8 @@ class NPTLightningModule(pl.LightningModule):
 
     def _log_figures(self) -> None:
         """The figures after a validation, logged to TensorBoard under figures/<name>."""
-        x, self._figure_batch = getattr(self, "_figure_batch", None), None
-        figures = self._figures(x)
+        norms, self._figure_norms = getattr(self, "_figure_norms", None), None
+        figures = self._figures(norms)
         if figures:
             log_figures(self.loggers, figures, int(self.global_step))
 
@@ -387,12 +388,16 @@ class NPTLightningModule(pl.LightningModule):
         self.npt.teacher_forward(x)
         try:
             self.npt.student_forward(x, teacher_forced=False)
-            return {
-                i: layer.in_modulation(layer.io["a"], layer.io["u"]).float().norm(dim=-1)
-                for i, layer in zip(self.npt.indices, self.npt.npt_layers)
-            }
+            return self._recorded_modulation_norms()
         finally:
             self.npt.clear()
+
+    def _recorded_modulation_norms(self) -> dict[int, Tensor]:
+        """The per-token modulation norms of the student pass the converted layers last recorded."""
+        return {
+            i: layer.in_modulation(layer.io["a"], layer.io["u"]).float().norm(dim=-1)
+            for i, layer in zip(self.npt.indices, self.npt.npt_layers)
+        }
 
     @torch.no_grad()
     def final_evaluation(self, batches: Any) -> dict[str, float]:
@@ -452,7 +457,7 @@ class NPTLightningModule(pl.LightningModule):
         try:
             summary = self.final_evaluation(loader)
             x = next(iter(loader))[0]  # the first validation batch, as at each validation
-            figures = self._figures(self.trainer.strategy.batch_to_device(x))
+            figures = self._figures(self.modulation_norms(self.trainer.strategy.batch_to_device(x)))
         finally:
             self.train(was_training)
         path = run_dir(self.trainer) / "npt_results.json"
