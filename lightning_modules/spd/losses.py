@@ -247,6 +247,39 @@ def unmasked_recon_loss(
     return output_recon_loss(model(batch, masks=ones), target_out, output_loss_type)
 
 
+def pgd_sources(
+    shapes: dict[str, tuple[int, ...]],
+    init: str,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """The PGD mask sources' start, one tensor of the given shape per module: U(0, 1), ones or zeros."""
+    if init not in ("random", "ones", "zeros"):
+        raise ValueError(f"unknown PGD init {init!r}; valid: ['random', 'ones', 'zeros']")
+    if init == "random":
+        return {
+            n: torch.rand(sh, generator=generator, device=device, dtype=dtype) for n, sh in shapes.items()
+        }
+    value = 1.0 if init == "ones" else 0.0
+    return {n: torch.full(sh, value, device=device, dtype=dtype) for n, sh in shapes.items()}
+
+
+def masks_from_sources(
+    ci: dict[str, Tensor], sources: dict[str, Tensor], weight_deltas: dict[str, Tensor] | None
+) -> tuple[dict[str, Tensor], dict[str, WeightDeltaAndMask] | None]:
+    """(masks ci + (1 - ci) s, {module: (delta, s_delta)} or None): each source (..., C [+ 1]) broadcast
+    over ci's leading shape, its last entry the delta's mask when there are weight deltas."""
+    masks: dict[str, Tensor] = {}
+    delta_masks: dict[str, WeightDeltaAndMask] | None = {} if weight_deltas is not None else None
+    for name, c in ci.items():
+        s = sources[name].expand(*c.shape[:-1], -1)
+        masks[name] = c + (1 - c) * s[..., : c.shape[-1]]
+        if delta_masks is not None:
+            delta_masks[name] = (weight_deltas[name], s[..., -1])
+    return masks, delta_masks
+
+
 def pgd_recon_loss(
     model: ComponentModel,
     batch: Tensor,
@@ -268,24 +301,11 @@ def pgd_recon_loss(
     lead_shape = ref.shape[:-1]
     src_lead = lead_shape if mask_scope == "unique_per_datapoint" else (1,) * len(lead_shape)
     extra = 0 if weight_deltas is None else 1
-    sources: dict[str, Tensor] = {}
-    for name, c in ci.items():
-        shape = (*src_lead, c.shape[-1] + extra)
-        if init == "random":
-            s = torch.rand(shape, generator=generator, device=c.device, dtype=c.dtype)
-        elif init in ("ones", "zeros"):
-            s = torch.full(shape, 1.0 if init == "ones" else 0.0, device=c.device, dtype=c.dtype)
-        else:
-            raise ValueError(f"unknown PGD init {init!r}; valid: ['random', 'ones', 'zeros']")
-        sources[name] = s
+    shapes = {name: (*src_lead, c.shape[-1] + extra) for name, c in ci.items()}
+    sources = pgd_sources(shapes, init, ref.device, ref.dtype, generator)
 
     def loss_at(srcs: dict[str, Tensor], ci_: dict[str, Tensor], deltas_: dict[str, Tensor] | None) -> Tensor:
-        masks, dm = {}, {} if deltas_ is not None else None
-        for name, c in ci_.items():
-            s = srcs[name].expand(*lead_shape, -1)
-            masks[name] = c + (1 - c) * s[..., : c.shape[-1]]
-            if dm is not None:
-                dm[name] = (deltas_[name], s[..., -1])
+        masks, dm = masks_from_sources(ci_, srcs, deltas_)
         out = model(batch, masks=masks, weight_deltas_and_masks=dm, routing_masks=routing_masks)
         return output_recon_loss(out, target_out, output_loss_type)
 

@@ -33,16 +33,8 @@ def _init_sources(
     generator: torch.Generator | None,
 ) -> dict[str, Tensor]:
     """One (1, ..., 1, C [+1]) source per module: U(0, 1), ones or zeros."""
-    sources = {}
-    for name, C in model.module_to_c.items():
-        shape = (*(1,) * n_lead, C + extra)
-        if init == "random":
-            sources[name] = torch.rand(shape, generator=generator, device=device)
-        elif init in ("ones", "zeros"):
-            sources[name] = torch.full(shape, 1.0 if init == "ones" else 0.0, device=device)
-        else:
-            raise ValueError(f"unknown PGD init {init!r}; valid: ['random', 'ones', 'zeros']")
-    return sources
+    shapes = {name: (*(1,) * n_lead, C + extra) for name, C in model.module_to_c.items()}
+    return L.pgd_sources(shapes, init, device, generator=generator)
 
 
 def _batch_sum_loss(
@@ -62,12 +54,7 @@ def _batch_sum_loss(
         deltas = model.weight_deltas() if use_delta_component else None
     lead = next(iter(ci.values())).shape[:-1]
     routing = None if router is None else router(list(ci), tuple(lead), batch.device, generator)
-    masks, dm = {}, {} if deltas is not None else None
-    for name, c in ci.items():
-        s = sources[name].expand(*lead, -1)
-        masks[name] = c + (1 - c) * s[..., : c.shape[-1]]
-        if dm is not None:
-            dm[name] = (deltas[name], s[..., -1])
+    masks, dm = L.masks_from_sources(ci, sources, deltas)
     out = model(batch, masks=masks, weight_deltas_and_masks=dm, routing_masks=routing)
     n = target_out.numel() if output_loss_type == "mse" else target_out.shape[:-1].numel()
     return L.output_recon_loss(out, target_out, output_loss_type) * n, n
