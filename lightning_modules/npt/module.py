@@ -183,6 +183,8 @@ class NPTLightningModule(pl.LightningModule):
             self.add_module(f"val_rel_layer{i}", metric)
         # validation figures over training, {name: [(step, value), ...]}; kept in the checkpoint
         self.val_history: dict[str, list[tuple[int, float]]] = {}
+        # per-token modulation norms of the first evaluated batch, for the next histogram (then cleared)
+        self._figure_norms: dict[int, Tensor] | None = None
 
     # ------------------------------------------------------------------ checks
     def setup(self, stage: str) -> None:
@@ -375,7 +377,7 @@ class NPTLightningModule(pl.LightningModule):
 
     def _log_figures(self) -> None:
         """The figures after a validation, logged to TensorBoard under figures/<name>."""
-        norms, self._figure_norms = getattr(self, "_figure_norms", None), None
+        norms, self._figure_norms = self._figure_norms, None
         figures = self._figures(norms)
         if figures:
             log_figures(self.loggers, figures, int(self.global_step))
@@ -401,14 +403,15 @@ class NPTLightningModule(pl.LightningModule):
 
     @torch.no_grad()
     def final_evaluation(self, batches: Any) -> dict[str, float]:
-        """The summary over up to ``final_eval_batches`` (x, y) batches, free-running."""
+        """The summary over up to ``final_eval_batches`` (x, y) batches, free-running; the first batch's
+        modulation norms are kept for the histogram, as at each validation."""
         for metric in (*self.val_ce.values(), *self.val_rel.values()):
             metric.reset()
         for n, batch in enumerate(batches):
             if n >= self.hparams.final_eval_batches:
                 break
             x, y = self.trainer.strategy.batch_to_device(batch) if self._trainer is not None else batch
-            self._eval_batch(x, y)
+            self._eval_batch(x, y, keep_norms=n == 0)
             self.npt.clear()
         return self._summary()
 
@@ -456,8 +459,8 @@ class NPTLightningModule(pl.LightningModule):
         self.eval()
         try:
             summary = self.final_evaluation(loader)
-            x = next(iter(loader))[0]  # the first validation batch, as at each validation
-            figures = self._figures(self.modulation_norms(self.trainer.strategy.batch_to_device(x)))
+            norms, self._figure_norms = self._figure_norms, None  # of the first batch just evaluated
+            figures = self._figures(norms)
         finally:
             self.train(was_training)
         path = run_dir(self.trainer) / "npt_results.json"
