@@ -6,8 +6,10 @@ activations (a layerwise term of block 3's module skips blocks 0-2) and skip the
 target matmuls, the fused KL from logits with the target's softmax prepared once per batch (its gradient
 formed in the forward, cache-blocked on CPU), optionally `torch.compile`d CI functions and components.
 "ours_no_prefix" is ours without the clean-prefix reuse (`record_clean_prefix=False`: every masked
-forward from the embeddings), to show that part. Naive (tests/helpers/spd_naive.py): hooks registered and
-removed on every forward, target weights re-read and copied on every use, einsum everywhere under plain
+forward from the embeddings), to show that part. On the language model, ours skips the output head in
+the masked forwards and fuses it into the KL (`output_head`, losses.head_kl_loss: block by block, never
+the (tokens, vocab) logits); "ours_unfused_head" is ours without that. Naive
+(tests/helpers/spd_naive.py): hooks registered and removed on every forward, target weights re-read and copied on every use, einsum everywhere under plain
 autograd, KL through log_softmax with the target's recomputed every term, no compile, float32. Both run the same objective (same terms, same order of random draws), so with the same
 seed and batch their losses must agree; that is checked before timing.
 
@@ -68,6 +70,8 @@ def make_step(name: str, impl: str, device: str) -> Callable[[], None]:
     """One training step (forward + backward + AdamW) of one implementation on its own model copy."""
     cm, x, loss_type = build(name, device)
     cm.record_clean_prefix = impl != "ours_no_prefix"
+    if impl == "ours_unfused_head":
+        cm.output_head = None
     if impl == "naive":
         model: nn.Module = NaiveSPD(cm)
         params = list(model.V.values()) + list(model.U.values()) + list(model.ci_fns.parameters())
@@ -165,7 +169,9 @@ def main() -> None:
     if args.child:
         print(json.dumps(time_one(*args.child, args.device, args.steps, args.warmup)))
         return
-    impls = ["naive", "ours_no_prefix", "ours"] + (["ours_compile"] if args.compile else [])
+    all_impls = ["naive", "ours_no_prefix", "ours_unfused_head", "ours"] + (
+        ["ours_compile"] if args.compile else []
+    )
     meta = run_metadata()
     results: dict[str, Any] = {
         "device": args.device,
@@ -175,6 +181,8 @@ def main() -> None:
         "configs": {},
     }
     for name in args.configs:
+        # the unfused head differs from ours only where there is an output head (the language model)
+        impls = [i for i in all_impls if i != "ours_unfused_head" or CONFIGS[name]["kind"] == "lm"]
         row: dict[str, Any] = {"loss_rel_diff": check_equal_losses(name, args.device)}
         times = time_interleaved(name, impls, args.device, args.steps, args.warmup)
         for impl in impls:
@@ -199,7 +207,7 @@ def main() -> None:
     print("| config | implementation | step ms | peak MiB | speed-up vs naive |")
     print("|---|---|---:|---:|---:|")
     for name, row in results["configs"].items():
-        for impl in impls:
+        for impl in [i for i in all_impls if i in row]:
             r = row[impl]
             speed = row["naive"]["step_ms"] / r["step_ms"]
             ms = f"{r['step_ms']:.1f} ({r['q25_ms']:.1f}-{r['q75_ms']:.1f})"

@@ -523,3 +523,9 @@ def test_shipped_resid_mlp1_small_recipe_meets_acceptance(tmp_path):
     assert row["alive_components"] == 50 and row["identity_ci_error"] == 0 and row["mmcs"] >= 0.99, row
     metrics = results["metrics"]
     assert metrics["recon/stochastic"] < 0.05 * metrics["recon/zero"]
+
+
+def test_language_model_targets_fuse_their_head_into_the_kl_unless_it_is_decomposed(tms_target):
+    assert lm_module().build().output_head == "lm_head"
+    assert lm_module(target_module_patterns=LM_PATTERNS | {"lm_head": 4}).build().output_head is None
+    assert spd_module(tms_target).build().output_head is None

@@ -7,6 +7,11 @@ so a plain target forward costs nothing extra and no hooks are added or removed 
 A clean forward that caches the modules' inputs also records the target's module outputs (`CleanPrefix`);
 a masked forward called with `reuse_clean_prefix` on the same inputs returns the recorded outputs for
 the module calls upstream of its first masked module instead of computing them.
+
+With `output_head` set (a language model's final vocabulary projection, e.g. `lm_head`), a forward with
+`head_input=True` returns that projection's input, the final hidden states, instead of the logits and
+skips the projection: the KL losses then apply it block by block (losses.head_kl_loss) without ever
+holding the (tokens, vocab) logits.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class _CallState:
     cache: dict[str, Tensor] | None
     replaced: frozenset[str] = frozenset()  # masked modules whose forward computes the components only
     clean_out: dict[str, Tensor] = field(default_factory=dict)  # a masked module's clean output (clean input)
+    head_inputs: list[Tensor] = field(default_factory=list)  # the output head's inputs (head_input=True)
 
 
 def _tensors(value: Any) -> Iterator[Tensor]:
@@ -185,6 +191,7 @@ class ComponentModel(nn.Module):
         sigmoid_type: str = "leaky_hard",
         output_attr: str | None = None,
         record_clean_prefix: bool = True,
+        output_head: str | None = None,
     ) -> None:
         super().__init__()
         target_model.requires_grad_(False)
@@ -209,6 +216,13 @@ class ComponentModel(nn.Module):
             d_in = module_in_out(module)[0]
             self.ci_fns[_key(name)] = make_ci_fn(ci_fn_type, C, d_in, ci_fn_hidden_dims).to(device)
 
+        self.output_head = output_head
+        if output_head is not None:
+            head = dict(target_model.named_modules()).get(output_head)
+            if not isinstance(head, nn.Linear) or output_head in self.module_to_c:
+                raise ValueError(
+                    f"output_head {output_head!r} must name a Linear of the target that is not decomposed"
+                )
         self._state: _CallState | None = None
         # clean forwards with cache_acts record module outputs for reuse_clean_prefix (memory: one set of
         # the target's activations, held until the next such forward or clear_clean_prefix)
@@ -286,6 +300,7 @@ class ComponentModel(nn.Module):
         routing_masks: dict[str, Tensor] | None = None,
         cache_acts: bool = False,
         reuse_clean_prefix: bool = False,
+        head_input: bool = False,
         **kwargs: Any,
     ) -> Tensor | OutputWithCache:
         """Target forward; modules named in `masks` run through their components.
@@ -297,7 +312,11 @@ class ComponentModel(nn.Module):
         With reuse_clean_prefix (masked forwards without cache_acts), the module calls upstream of the
         first masked module return the outputs recorded by the last clean cache_acts forward when it ran
         on these very inputs (same objects, unmodified); otherwise they are computed.
+        With head_input (masked forwards without cache_acts; needs `output_head`), returns the output
+        head's input, the final hidden states, and skips the head: the output is head(returned value).
         """
+        if head_input and (self.output_head is None or cache_acts or masks is None):
+            raise ValueError("head_input needs output_head set, masks and no cache_acts")
         clean = masks is None and not weight_deltas_and_masks and not routing_masks
         if clean and cache_acts and self.record_clean_prefix and self._state is None:
             return self._traced_clean_forward(args, kwargs)
@@ -330,12 +349,18 @@ class ComponentModel(nn.Module):
         replaced = frozenset() if autocast else frozenset(set(masks) - set(routing))
         forwards: dict[nn.Module, Callable[..., Any]] = {m: _returning(out) for m, out in skips}
         forwards |= {self._modules_by_name[n]: partial(self._component_forward, name=n) for n in replaced}
+        if head_input:
+            forwards[self._head] = self._head_capture
         shadowed = [(module, module.__dict__.get("forward")) for module in forwards]
         self._state = _CallState(masks, deltas, routing, cache, replaced, clean_out)
         try:
             for module, forward in forwards.items():
                 module.forward = forward  # an instance attribute shadows the class's forward
             out = self._extract_output(self.target_model(*args, **kwargs))
+            if head_input:
+                if len(self._state.head_inputs) != 1:
+                    raise RuntimeError(f"output head {self.output_head!r} was not called exactly once")
+                out = self._state.head_inputs[0]
         finally:
             self._state = None
             for module, previous in shadowed:
@@ -454,6 +479,23 @@ class ComponentModel(nn.Module):
         weight = module.weight
         dtype = weight.dtype if module_kind(module) == "embedding" else torch.result_type(x, weight)
         return self._masked_output(module, name, x, dtype)
+
+    @property
+    def _head(self) -> nn.Linear:
+        """The output head module (looked up, not held: an nn.Module attribute would register it twice)."""
+        return self.target_model.get_submodule(self.output_head)
+
+    def _head_capture(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """Forward of the output head under head_input: record its input and return zeros of the logits'
+        shape without memory (an expanded scalar), for whatever the target does with them before returning."""
+        self._state.head_inputs.append(x)
+        return x.new_zeros(()).expand(*x.shape[:-1], self._head.out_features)
+
+    def head_weight_and_bias(self) -> tuple[Tensor, Tensor | None]:
+        """The (frozen) output head's weight (vocab, d) and bias (vocab) or None."""
+        if self.output_head is None:
+            raise ValueError("no output_head set")
+        return self._head.weight, self._head.bias
 
     # ----------------------------------------------------------------- causal importances
     @staticmethod

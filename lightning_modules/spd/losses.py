@@ -91,6 +91,74 @@ def kl_from_logits(pred: Tensor, target: KLTarget) -> Tensor:
     return _KLFromLogits.apply(z, probs, target.neg_entropy.reshape(-1).to(z.dtype))
 
 
+class _HeadKL(torch.autograd.Function):
+    """mean_n KL(p_n || softmax(h_n W^T + b)) from the final hidden states h (N, d) and a frozen output
+    head W (V, d), b (V): the output projection fused with _KLFromLogits' computation, over blocks of rows.
+
+    The unfused form writes the (N, V) logits, reads them back for the KL, keeps the (N, V) gradient
+    softmax(z) - p until the backward and multiplies it by W there. Here each block's logits stay in
+    cache (CPU; bounded blocks on GPUs), the block's gradient to h, (softmax(z) - p) W, is formed at
+    once, and only the (N, d) gradient is kept: memory per KL term d / V of the unfused one's (1/65 for
+    GPT-2). No gradient to W or b (the target is frozen). Under autocast the two matmuls run in its dtype
+    as the head's Linear would; the softmax and KL in float32.
+    """
+
+    @staticmethod
+    def forward(  # noqa: D102
+        ctx: Any, h: Tensor, weight: Tensor, bias: Tensor | None, probs: Tensor, neg_entropy: Tensor
+    ) -> Tensor:
+        n, vocab = h.shape[0], weight.shape[0]
+        rows = max(8, (2**18 if h.device.type == "cpu" else 2**26) // vocab)
+        need_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(h) if need_grad else None  # (N, d): (softmax(z) - p) W
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for r in range(0, n, rows):
+            p_r = probs[r : r + rows]
+            z = torch.nn.functional.linear(h[r : r + rows], weight, bias).float()  # (rows, V), fresh
+            z.sub_(z.amax(-1, keepdim=True))  # the same steps as _KLFromLogits.forward
+            cross = torch.linalg.vecdot(p_r, z)
+            e = z.exp_()
+            s = e.sum(-1, keepdim=True)
+            total += (neg_entropy[r : r + rows] - cross + s.log().squeeze(-1)).sum()
+            if need_grad:
+                grad[r : r + rows] = e.div_(s).sub_(p_r).to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return total / n
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None, None, None]:  # noqa: D102
+        (grad,) = ctx.saved_tensors
+        return grad * (grad_out / grad.shape[0]).to(grad.dtype), None, None, None, None
+
+
+def head_kl_loss(h: Tensor, weight: Tensor, bias: Tensor | None, target: KLTarget) -> Tensor:
+    """kl_from_logits(h W^T + b, target) from the final hidden states h (..., d) and a frozen head
+    (weight (V, d), bias (V) or None), without forming the (tokens, V) logits (see _HeadKL)."""
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("head_kl_loss needs a frozen head (no gradient to its weight or bias)")
+    vocab = weight.shape[0]
+    probs = target.probs.reshape(-1, vocab).contiguous()
+    neg_entropy = target.neg_entropy.reshape(-1).float()
+    return _HeadKL.apply(h.reshape(-1, h.shape[-1]).contiguous(), weight, bias, probs, neg_entropy)
+
+
+def masked_recon_loss(
+    model: ComponentModel,
+    batch: Tensor,
+    target_out: Tensor | KLTarget,
+    output_loss_type: OutputLossType,
+    **forward_kwargs: Any,
+) -> Tensor:
+    """L(model(batch, **forward_kwargs), target_out) for a masked forward. A KL against a KLTarget on a
+    model with an output head set skips the head in the forward and fuses it into the KL (head_kl_loss):
+    the same value and gradients, without the (tokens, vocab) logits."""
+    if output_loss_type == "kl" and isinstance(target_out, KLTarget) and model.output_head is not None:
+        h = model(batch, head_input=True, **forward_kwargs)
+        weight, bias = model.head_weight_and_bias()
+        return head_kl_loss(h, weight, bias, target_out)
+    return output_recon_loss(model(batch, **forward_kwargs), target_out, output_loss_type)
+
+
 def output_recon_loss(pred: Tensor, target: Tensor | KLTarget, output_loss_type: OutputLossType) -> Tensor:
     """mse: sum (pred - target)^2 / numel;  kl: mean over tokens of sum_v p_t (log p_t - log p_pred).
 
@@ -191,18 +259,22 @@ def stochastic_recon_loss(
             for name in masks:
                 one_delta = None if deltas is None else {name: deltas[name]}
                 one_mask = {name: masks[name]}
-                out = model(batch, masks=one_mask, weight_deltas_and_masks=one_delta, reuse_clean_prefix=True)
-                yield output_recon_loss(out, target_out, output_loss_type), 1
+                loss = masked_recon_loss(
+                    model, batch, target_out, output_loss_type,
+                    masks=one_mask, weight_deltas_and_masks=one_delta, reuse_clean_prefix=True,
+                )  # fmt: skip
+                yield loss, 1
             return
         subset = (
             uniform_k_subset_routing_masks(list(masks), ref.shape[:-1], ref.device, sampler.generator)
             if routing == "subset"
             else None
         )
-        out = model(
-            batch, masks=masks, weight_deltas_and_masks=deltas, routing_masks=subset, reuse_clean_prefix=True
-        )
-        yield output_recon_loss(out, target_out, output_loss_type), 1
+        loss = masked_recon_loss(
+            model, batch, target_out, output_loss_type,
+            masks=masks, weight_deltas_and_masks=deltas, routing_masks=subset, reuse_clean_prefix=True,
+        )  # fmt: skip
+        yield loss, 1
 
     return sampler.mean(body)
 
@@ -230,7 +302,7 @@ def ci_masked_recon_loss(
     output_loss_type: OutputLossType = "mse",
 ) -> Tensor:
     """L(model(x; all modules masked by m = ci, no delta), target_out)."""
-    return output_recon_loss(model(batch, masks=ci), target_out, output_loss_type)
+    return masked_recon_loss(model, batch, target_out, output_loss_type, masks=ci)
 
 
 def unmasked_recon_loss(
@@ -244,7 +316,7 @@ def unmasked_recon_loss(
         name: torch.ones(C, device=model.component(name).V.device, dtype=model.component(name).V.dtype)
         for name, C in model.module_to_c.items()
     }
-    return output_recon_loss(model(batch, masks=ones), target_out, output_loss_type)
+    return masked_recon_loss(model, batch, target_out, output_loss_type, masks=ones)
 
 
 def pgd_sources(
@@ -306,8 +378,10 @@ def pgd_recon_loss(
 
     def loss_at(srcs: dict[str, Tensor], ci_: dict[str, Tensor], deltas_: dict[str, Tensor] | None) -> Tensor:
         masks, dm = masks_from_sources(ci_, srcs, deltas_)
-        out = model(batch, masks=masks, weight_deltas_and_masks=dm, routing_masks=routing_masks)
-        return output_recon_loss(out, target_out, output_loss_type)
+        return masked_recon_loss(
+            model, batch, target_out, output_loss_type,
+            masks=masks, weight_deltas_and_masks=dm, routing_masks=routing_masks,
+        )  # fmt: skip
 
     # The inner steps only need d loss / d s, so they use detached ci and deltas (same values).
     ci_d = {k: v.detach() for k, v in ci.items()}
@@ -345,7 +419,7 @@ def ci_masked_recon_subset_loss(
 ) -> Tensor:
     """L(model(x; masks = ci, no delta, routed per the router), target_out)."""
     routing = _route(router, ci, generator)
-    return output_recon_loss(model(batch, masks=ci, routing_masks=routing), target_out, output_loss_type)
+    return masked_recon_loss(model, batch, target_out, output_loss_type, masks=ci, routing_masks=routing)
 
 
 def ci_masked_recon_layerwise_loss(
@@ -357,7 +431,7 @@ def ci_masked_recon_layerwise_loss(
 ) -> Tensor:
     """mean over modules l of L(model(x; module l masked by ci_l, no delta, the others the target))."""
     total = sum(
-        output_recon_loss(model(batch, masks={name: c}), target_out, output_loss_type)
+        masked_recon_loss(model, batch, target_out, output_loss_type, masks={name: c})
         for name, c in ci.items()
     )
     return total / len(ci)
@@ -382,8 +456,10 @@ def stochastic_recon_routed_loss(
         masks = stochastic_masks(ci, sampling, generator)
         deltas = None if weight_deltas is None else weight_delta_masks(ci, weight_deltas, generator)
         routing = _route(router, ci, generator)
-        out = model(batch, masks=masks, weight_deltas_and_masks=deltas, routing_masks=routing)
-        total = total + output_recon_loss(out, target_out, output_loss_type)
+        total = total + masked_recon_loss(
+            model, batch, target_out, output_loss_type,
+            masks=masks, weight_deltas_and_masks=deltas, routing_masks=routing,
+        )  # fmt: skip
     return total / n_mask_samples
 
 

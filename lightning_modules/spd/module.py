@@ -30,7 +30,7 @@ from lightning_modules.common.plotting import log_figures, save_figures
 from lightning_modules.common.seeds import mixed_seed
 from lightning_modules.gpt.config import GPTConfig
 
-from .component_model import ComponentModel, tie_component_weights_
+from .component_model import ComponentModel, match_target_modules, tie_component_weights_
 from .config import (
     GROUPS,
     ComponentConfig,
@@ -49,7 +49,7 @@ from .objective import (
     write_results,
 )
 from .pgd import pgd_multibatch_metrics
-from .targets import check_target_data, load_target, random_gpt
+from .targets import check_target_data, load_target, output_head_name, random_gpt
 
 TARGET_PREFIX = "cm.target_model."  # the frozen target's keys in this module's state_dict
 TARGET_FINGERPRINT = "spd_target_fingerprint"
@@ -169,9 +169,12 @@ class SPDLightningModule(pl.LightningModule):
         check_target_data(target, hp.vocab_size, None, hp.target)
         self.is_toy = hasattr(target, "n_features")
         cfg = self.component_cfg
+        patterns = dict(hp.target_module_patterns)
+        head = output_head_name(target)  # fused into the KL losses unless it is decomposed itself
         cm = ComponentModel(
-            target, dict(hp.target_module_patterns), cfg.ci_fn_type, cfg.ci_fn_hidden_dims, cfg.sigmoid_type
-        )
+            target, patterns, cfg.ci_fn_type, cfg.ci_fn_hidden_dims, cfg.sigmoid_type,
+            output_head=None if head in match_target_modules(target, patterns) else head,
+        )  # fmt: skip
         for dst, src in (cfg.tied_components or {}).items():
             if dst not in cm.module_to_c or src not in cm.module_to_c:
                 raise ValueError(

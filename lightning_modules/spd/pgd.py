@@ -55,9 +55,13 @@ def _batch_sum_loss(
     lead = next(iter(ci.values())).shape[:-1]
     routing = None if router is None else router(list(ci), tuple(lead), batch.device, generator)
     masks, dm = L.masks_from_sources(ci, sources, deltas)
-    out = model(batch, masks=masks, weight_deltas_and_masks=dm, routing_masks=routing)
     n = target_out.numel() if output_loss_type == "mse" else target_out.shape[:-1].numel()
-    return L.output_recon_loss(out, target_out, output_loss_type) * n, n
+    recon_target = L.KLTarget.from_logits(target_out) if output_loss_type == "kl" else target_out
+    loss = L.masked_recon_loss(
+        model, batch, recon_target, output_loss_type,
+        masks=masks, weight_deltas_and_masks=dm, routing_masks=routing,
+    )  # fmt: skip
+    return loss * n, n
 
 
 def pgd_multibatch_recon_loss(

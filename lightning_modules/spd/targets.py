@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_modules.common.compat import check_data_fits
-from lightning_modules.common.targets import embedding_rows, load_target_model
+from lightning_modules.common.targets import detect_family, embedding_rows, load_target_model
 
 from .toy_models import ResidMLP, TMSModel
 
@@ -71,6 +71,17 @@ def _strip_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
     if state and all(k.startswith(prefix) for k in state):
         return {k[len(prefix) :]: v for k, v in state.items()}
     return state
+
+
+def output_head_name(target: nn.Module) -> str | None:
+    """'lm_head' where the target's output is exactly lm_head(final hidden states), as in our GPT and the
+    transformers GPT-2 and Llama: the KL losses may then fuse that projection into the KL
+    (ComponentModel's output_head); None for other targets (the toys)."""
+    try:
+        detect_family(target)
+    except ValueError:
+        return None
+    return "lm_head" if isinstance(getattr(target, "lm_head", None), nn.Linear) else None
 
 
 class HFCausalLM(nn.Module):

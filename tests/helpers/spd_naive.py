@@ -22,6 +22,7 @@ from lightning_modules.spd import losses as L
 from lightning_modules.spd.ci_functions import MLPCiFn, SharedMLPCiFn, VectorMLPCiFn
 from lightning_modules.spd.component_model import ComponentModel
 from lightning_modules.spd.sigmoids import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
+from lightning_modules.spd.targets import output_head_name
 from lightning_modules.spd.toy_models import TMSModel, train_toy_model
 
 # the terms NaiveSPD.losses computes, and the setups both implementations are compared (and timed) on
@@ -179,7 +180,10 @@ def build(name: str, device: str, seed: int = 0) -> tuple[ComponentModel, Tensor
         target = GPT(GPTConfig(block_size=256, vocab_size=4096, n_layer=4, n_head=4, n_embd=128))
         x = torch.randint(0, 4096, (cfg["batch"], cfg["seq"]), generator=torch.Generator().manual_seed(seed))
         loss_type = "kl"
-    cm = ComponentModel(target.to(device), cfg["patterns"], cfg["ci"], cfg["hidden"], "leaky_hard")
+    cm = ComponentModel(
+        target.to(device), cfg["patterns"], cfg["ci"], cfg["hidden"], "leaky_hard",
+        output_head=output_head_name(target),  # as SPDLightningModule builds it: the LM's head fused into the KL
+    )  # fmt: skip
     return cm, x.to(device), loss_type
 
 
