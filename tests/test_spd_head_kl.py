@@ -188,3 +188,19 @@ def test_objective_fused_equals_unfused_on_transformers_gpt2_and_llama():
         target = HFCausalLM(model.eval())
         assert output_head_name(target) == "lm_head"
         assert_fused_equals_unfused(target, patterns, tokens())
+
+
+def test_a_head_not_whole_here_falls_back_to_the_logits():
+    # ZeRO-3 / FSDP leave a partitioned (e.g. empty) weight outside forwards: the head then runs as usual
+    cm = ComponentModel(tiny_gpt(), GPT_PATTERNS, "shared_mlp", [6], output_head="lm_head")
+    weight, bias = cm.fusable_head()
+    assert weight is cm.target_model.lm_head.weight and bias is None
+    cm.target_model.lm_head.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+    assert cm.fusable_head() is None
+    cm.target_model.lm_head.weight = torch.nn.Parameter(weight.detach().clone())  # trainable: not frozen
+    assert cm.fusable_head() is None
+    target = L.KLTarget.from_logits(torch.randn_like(cm(tokens())))  # the padded vocabulary
+    ci = {name: torch.rand(2, 12, C) for name, C in cm.module_to_c.items()}
+    loss = L.masked_recon_loss(cm, tokens(), target, "kl", masks=ci)
+    torch.testing.assert_close(loss, L.kl_from_logits(cm(tokens(), masks=ci), target))
+    assert ComponentModel(tiny_gpt(), GPT_PATTERNS, "shared_mlp", [6]).fusable_head() is None

@@ -491,11 +491,20 @@ class ComponentModel(nn.Module):
         self._state.head_inputs.append(x)
         return x.new_zeros(()).expand(*x.shape[:-1], self._head.out_features)
 
-    def head_weight_and_bias(self) -> tuple[Tensor, Tensor | None]:
-        """The (frozen) output head's weight (vocab, d) and bias (vocab) or None."""
+    def fusable_head(self) -> tuple[Tensor, Tensor | None] | None:
+        """The output head's frozen weight (vocab, d) and bias (vocab) or None, when a loss may apply the
+        head itself (head_input forwards); None without an output head, or when its weight is not a whole
+        plain tensor here (sharded or gathered only inside forwards: FSDP, DeepSpeed ZeRO-3, DTensor)."""
         if self.output_head is None:
-            raise ValueError("no output_head set")
-        return self._head.weight, self._head.bias
+            return None
+        head = self._head
+        weight, bias = head.weight, head.bias
+        for t in (weight, bias):
+            if t is not None and (type(t.data) is not Tensor or t.requires_grad):
+                return None
+        if weight.shape != (head.out_features, head.in_features):
+            return None
+        return weight, bias
 
     # ----------------------------------------------------------------- causal importances
     @staticmethod

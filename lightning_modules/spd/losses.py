@@ -152,10 +152,9 @@ def masked_recon_loss(
     """L(model(batch, **forward_kwargs), target_out) for a masked forward. A KL against a KLTarget on a
     model with an output head set skips the head in the forward and fuses it into the KL (head_kl_loss):
     the same value and gradients, without the (tokens, vocab) logits."""
-    if output_loss_type == "kl" and isinstance(target_out, KLTarget) and model.output_head is not None:
-        h = model(batch, head_input=True, **forward_kwargs)
-        weight, bias = model.head_weight_and_bias()
-        return head_kl_loss(h, weight, bias, target_out)
+    head = model.fusable_head() if output_loss_type == "kl" and isinstance(target_out, KLTarget) else None
+    if head is not None:
+        return head_kl_loss(model(batch, head_input=True, **forward_kwargs), *head, target_out)
     return output_recon_loss(model(batch, **forward_kwargs), target_out, output_loss_type)
 
 
