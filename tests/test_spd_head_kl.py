@@ -103,6 +103,39 @@ def test_head_kl_equals_kl_of_the_logits_value_and_gradient(rows, vocab, bias):
         torch.testing.assert_close(L.head_kl_loss(h0, weight, b, target), ref.detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_head_kl_gradient_keeps_its_precision_when_the_kl_is_small():
+    # a target close to the head's own softmax (KL ~1e-6): the float32 path forms the gradient as
+    # (exp(z - m) W) / s - pW, whose subtraction cancels; it must stay as close to the unfused gradient
+    # (softmax(z) - p) W, relative to its size, as that one is to a float64 reference
+    g = torch.Generator().manual_seed(1)
+    weight, h0 = torch.randn(2000, 32, generator=g), torch.randn(40, 32, generator=g)
+    target = L.KLTarget.from_logits(h0 @ weight.T + 1e-3 * torch.randn(40, 2000, generator=g))
+    h_ref, h = h0.clone().requires_grad_(), h0.clone().requires_grad_()
+    ref = L.kl_from_logits(F.linear(h_ref, weight), target)
+    ours = L.head_kl_loss(h, weight, None, target)
+    ref.backward()
+    ours.backward()
+    h64 = h0.double().requires_grad_()
+    log_p = torch.log(target.probs.double())
+    exact = (log_p.exp() * (log_p - torch.log_softmax(h64 @ weight.double().T, -1))).sum(-1).mean()
+    exact.backward()
+    scale = h64.grad.abs().max().item()
+    assert 0 < exact.item() < 1e-4
+    err_ours = (h.grad.double() - h64.grad).abs().max().item() / scale
+    err_ref = (h_ref.grad.double() - h64.grad).abs().max().item() / scale
+    assert err_ours < max(4 * err_ref, 1e-4), (err_ours, err_ref)
+    assert abs(ours.item() - exact.item()) < 5e-7  # the value's p . z from the rounded logits
+
+
+def test_head_projection_is_formed_once_per_head():
+    target = L.KLTarget.from_logits(torch.randn(6, 30))
+    w1, w2 = torch.randn(30, 4), torch.randn(30, 4)
+    pw = target.head_projection(w1)
+    assert target.head_projection(w1) is pw  # cached
+    torch.testing.assert_close(pw, target.probs @ w1)
+    torch.testing.assert_close(target.head_projection(w2), target.probs @ w2)
+
+
 def test_head_kl_keeps_leading_dims_and_refuses_a_trainable_head():
     weight = torch.randn(30, 8)
     target = L.KLTarget.from_logits(torch.randn(2, 5, 30))

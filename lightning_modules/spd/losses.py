@@ -11,8 +11,8 @@ a `KLTarget` (the target's softmax prepared once per batch) may stand in for the
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -33,11 +33,14 @@ Routing = Literal["all", "layerwise", "subset"]
 ROUTINGS = ("all", "layerwise", "subset")
 
 
-class KLTarget(NamedTuple):
+@dataclass(eq=False)
+class KLTarget:
     """A target distribution prepared once per batch for repeated KL terms: probs and sum_v p log p."""
 
     probs: Tensor  # (..., vocab) float32
     neg_entropy: Tensor  # (...)
+    # head_projection's cache: id(weight) -> (weight, p W)
+    _projections: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_logits(cls, logits: Tensor) -> KLTarget:
@@ -45,6 +48,16 @@ class KLTarget(NamedTuple):
         log_p = torch.log_softmax(logits.detach().float(), dim=-1)
         probs = log_p.exp()
         return cls(probs, (probs * log_p).sum(-1))
+
+    def head_projection(self, weight: Tensor) -> Tensor:
+        """p W (N, d) in float32 for a frozen head's weight (V, d), formed once per batch and head: every
+        fused KL term of the batch then takes the p part of its gradient, p W, from it (_HeadKL)."""
+        cached = self._projections.get(id(weight))
+        if cached is None or cached[0] is not weight:
+            probs = self.probs.reshape(-1, weight.shape[0])
+            with torch.autocast(probs.device.type, enabled=False):
+                cached = self._projections[id(weight)] = (weight, probs @ weight.detach().float())
+        return cached[1]
 
 
 class _KLFromLogits(torch.autograd.Function):
@@ -99,36 +112,55 @@ class _HeadKL(torch.autograd.Function):
     softmax(z) - p until the backward and multiplies it by W there. Here each block's logits stay in
     cache (CPU; bounded blocks on GPUs), the block's gradient to h, (softmax(z) - p) W, is formed at
     once, and only the (N, d) gradient is kept: memory per KL term d / V of the unfused one's (1/65 for
-    GPT-2). No gradient to W or b (the target is frozen). Under autocast the two matmuls run in its dtype
-    as the head's Linear would; the softmax and KL in float32.
+    GPT-2). No gradient to W or b (the target is frozen).
+
+    Where the logits come out in float32, the gradient is formed as (exp(z - m) W) / s - pW with
+    s = sum exp(z - m) and pW = p W formed once per batch (KLTarget.head_projection): no (rows, V) passes
+    for the division and the subtraction of p (the cancellation in that subtraction is the one in
+    softmax(z) - p in float32 already; tested). The value's p . z is taken from the rounded logits, as
+    the unfused form does: h . pW would differ from it by the logits' rounding, which is not small
+    against a small KL. Under autocast or in a low-precision head the matmuls run in its dtype as the
+    head's Linear would, and softmax(z) - p is formed in float32 before the low-precision matmul.
     """
 
     @staticmethod
     def forward(  # noqa: D102
-        ctx: Any, h: Tensor, weight: Tensor, bias: Tensor | None, probs: Tensor, neg_entropy: Tensor
+        ctx: Any,
+        h: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        probs: Tensor,
+        neg_entropy: Tensor,
+        p_weight: Tensor,
     ) -> Tensor:
         n, vocab = h.shape[0], weight.shape[0]
-        rows = max(8, (2**18 if h.device.type == "cpu" else 2**26) // vocab)
+        rows = max(8, (2**19 if h.device.type == "cpu" else 2**26) // vocab)
         need_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(h) if need_grad else None  # (N, d): (softmax(z) - p) W
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for r in range(0, n, rows):
             p_r = probs[r : r + rows]
-            z = torch.nn.functional.linear(h[r : r + rows], weight, bias).float()  # (rows, V), fresh
-            z.sub_(z.amax(-1, keepdim=True))  # the same steps as _KLFromLogits.forward
-            cross = torch.linalg.vecdot(p_r, z)
-            e = z.exp_()
+            z = torch.nn.functional.linear(h[r : r + rows], weight, bias)  # (rows, V), fresh
+            exact = z.dtype == torch.float32
+            z = z.float()
+            zc = z.sub_(z.amax(-1, keepdim=True))  # the same steps as _KLFromLogits.forward
+            cross = torch.linalg.vecdot(p_r, zc)
+            e = zc.exp_()
             s = e.sum(-1, keepdim=True)
             total += (neg_entropy[r : r + rows] - cross + s.log().squeeze(-1)).sum()
-            if need_grad:
+            if not need_grad:
+                continue
+            if exact:
+                grad[r : r + rows] = torch.mm(e, weight).div_(s).sub_(p_weight[r : r + rows])
+            else:
                 grad[r : r + rows] = e.div_(s).sub_(p_r).to(weight.dtype) @ weight
         ctx.save_for_backward(grad)
         return total / n
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None, None, None]:  # noqa: D102
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
         (grad,) = ctx.saved_tensors
-        return grad * (grad_out / grad.shape[0]).to(grad.dtype), None, None, None, None
+        return (grad * (grad_out / grad.shape[0]).to(grad.dtype), *[None] * 5)
 
 
 def head_kl_loss(h: Tensor, weight: Tensor, bias: Tensor | None, target: KLTarget) -> Tensor:
@@ -139,7 +171,9 @@ def head_kl_loss(h: Tensor, weight: Tensor, bias: Tensor | None, target: KLTarge
     vocab = weight.shape[0]
     probs = target.probs.reshape(-1, vocab).contiguous()
     neg_entropy = target.neg_entropy.reshape(-1).float()
-    return _HeadKL.apply(h.reshape(-1, h.shape[-1]).contiguous(), weight, bias, probs, neg_entropy)
+    p_weight = target.head_projection(weight)
+    h2 = h.reshape(-1, h.shape[-1]).contiguous()
+    return _HeadKL.apply(h2, weight, bias, probs, neg_entropy, p_weight)
 
 
 def masked_recon_loss(
