@@ -207,6 +207,9 @@ def render_spd_speed(payload: Payload) -> list[str]:
     header = ["config"] + [f"{SPD_IMPLS[i]} ms" for i in impls]
     header += ["naive / ours, paired steps", "peak MiB " + " / ".join(SPD_IMPLS[i] for i in impls)]
     header += ["losses agree (max rel. diff)"]
+    counted = all("gflop" in row[i] for row in configs.values() for i in ("naive", "ours"))
+    if counted:  # results files from before the arithmetic was counted have no gflop
+        header += ["GFLOP naive / ours (GFLOP/s)"]
     body = []
     for name, row in configs.items():
         naive = row["naive"]["step_ms"]
@@ -220,6 +223,11 @@ def render_spd_speed(payload: Payload) -> list[str]:
         cells.append(f"{q50:.2f}x ({q25:.2f}-{q75:.2f})")
         cells.append(" / ".join(f"{row[i]['peak_mib']:.0f}" if i in row else "-" for i in impls))
         cells.append(f"{max(row['loss_rel_diff'].values()):.1e}")
+        if counted:
+            rates = [row[i]["gflop"] / row[i]["step_ms"] * 1e3 for i in ("naive", "ours")]
+            cells.append(
+                f"{row['naive']['gflop']:.3g} ({rates[0]:.3g}) / {row['ours']['gflop']:.3g} ({rates[1]:.3g})"
+            )
         body.append(cells)
     head = (
         f"Training step (forward + backward + AdamW) on {r['device']}, {r['threads']} thread(s): median of "
@@ -227,6 +235,12 @@ def render_spd_speed(payload: Payload) -> list[str]:
         "step; speed-up against naive in brackets. Paired: the median (25th-75th percentile) of the ratio "
         "of each naive step to the ours step next to it. Peak memory: each implementation alone in its own "
         "process."
+        + (
+            " GFLOP: one step's matmul and attention arithmetic (torch's FlopCounterMode; elementwise work "
+            "not counted), with the rate it ran at."
+            if "gflop" in next(iter(configs.values()))["ours"]
+            else ""
+        )
     )
     return [head, ""] + _table(header, None, body)
 

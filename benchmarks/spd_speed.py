@@ -16,6 +16,10 @@ seed and batch their losses must agree; that is checked before timing.
     python benchmarks/spd_speed.py                       # TMS 5-2 and the tiny LM on CPU (~10 minutes)
     python benchmarks/spd_speed.py --device cuda --compile
 
+Arithmetic: the GFLOP of one step of each implementation (FlopCounterMode: matmuls and attention), and
+the rate each runs at (GFLOP / median step time): where ours does nearly the naive form's arithmetic, its
+speed-up can only come from running it faster.
+
 Step times: every implementation in one process, alternating step by step (the order rotating), so that
 the load of a shared machine hits all alike; medians and quartiles, and the quartiles of the ratio of each
 naive step to the ours step next to it. Peak memory: each (config, implementation) alone in its own
@@ -38,6 +42,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -101,6 +106,16 @@ def make_step(name: str, impl: str, device: str) -> Callable[[], None]:
         sync()
 
     return step
+
+
+def count_gflop(name: str, impl: str, device: str) -> float:
+    """Floating-point operations of one training step (torch's FlopCounterMode: matmuls, attention,
+    convolutions; elementwise work is not counted), in GFLOP."""
+    step = make_step(name, impl, device)
+    step()  # the first step creates AdamW's state; count a steady one
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops() / 1e9
 
 
 def time_one(name: str, impl: str, device: str, steps: int, warmup: int) -> dict[str, float]:
@@ -194,6 +209,7 @@ def main() -> None:
             alone = json.loads(out.stdout.strip().splitlines()[-1])
             q25, median, q75 = quartiles(times[impl])
             row[impl] = {"step_ms": median, "q25_ms": q25, "q75_ms": q75, "peak_mib": alone["peak_mib"]}
+            row[impl]["gflop"] = count_gflop(name, impl, args.device)
             row[impl]["steps_ms"] = times[impl]
         # the ratio of each naive step to the ours step next to it, so load changes cancel
         paired = [a / b for a, b in zip(times["naive"], times["ours"])]
@@ -204,14 +220,17 @@ def main() -> None:
         f"\nSPD training step on {args.device} ({args.threads} thread(s)): median (25th-75th percentile) "
         f"of {args.steps} steps per implementation, alternating step by step in one process"
     )
-    print("| config | implementation | step ms | peak MiB | speed-up vs naive |")
-    print("|---|---|---:|---:|---:|")
+    print("| config | implementation | step ms | peak MiB | speed-up vs naive | GFLOP | GFLOP/s |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for name, row in results["configs"].items():
         for impl in [i for i in all_impls if i in row]:
             r = row[impl]
             speed = row["naive"]["step_ms"] / r["step_ms"]
             ms = f"{r['step_ms']:.1f} ({r['q25_ms']:.1f}-{r['q75_ms']:.1f})"
-            print(f"| {name} | {impl} | {ms} | {r['peak_mib']:.1f} | {speed:.2f}x |")
+            rate = r["gflop"] / r["step_ms"] * 1e3
+            print(
+                f"| {name} | {impl} | {ms} | {r['peak_mib']:.1f} | {speed:.2f}x | {r['gflop']:.3g} | {rate:.3g} |"
+            )
         q = row["paired_speedup_quartiles"]
         print(f"| {name} | paired naive/ours step ratio | {q[1]:.2f} ({q[0]:.2f}-{q[2]:.2f}) | | |")
         print(f"| {name} | losses equal (max rel. diff) | {max(row['loss_rel_diff'].values()):.1e} | | |")
