@@ -623,11 +623,48 @@ def render_spd_toy_suite(payload: Payload) -> list[str]:
     return [head, ""] + _table(header, None, body) + ([""] + tail if tail else [])
 
 
+def render_spd_alive_detail(payload: Payload) -> list[str]:
+    """Per finished toy-suite run and module: alive, the features' own components, and how the other
+    alive ones fire (benchmarks/spd_alive_detail.py)."""
+    runs = payload["results"]["runs"]
+    header = ["run", "step", "module", "alive", "features' own", "others alive", "inputs they fire on",
+              "their largest CI", "features on where they fire (mean)"]  # fmt: skip
+    body = []
+    for name, run in runs.items():
+        for module, m in run["modules"].items():
+            extra = m["extra"]
+            fired = sum(e["inputs"] for e in extra)
+            on = sum(e["mean_features_on"] * e["inputs"] for e in extra) / fired if fired else None
+            body.append(
+                [
+                    name,
+                    str(run["global_step"]),
+                    module,
+                    str(m["alive"]),
+                    str(m["features_own"]),
+                    str(len(extra)),
+                    f"{fired} of {run['examples']}" if extra else "-",
+                    f"{max(e['max_ci'] for e in extra):.3f}" if extra else "-",
+                    f"{on:.1f}" if on is not None else "-",
+                ]
+            )
+    first = next(iter(runs.values()))
+    head = (
+        f"Each finished run's last checkpoint on {first['examples']} fresh inputs of its own data settings "
+        f"(data seed {first['data_seed']}; {first['mean_features_on']:.1f} features on per input on "
+        f"average): components with CI > {first['threshold']} on some input, split into the features' own "
+        "(the argmax component of each single-feature input 0.75 e_j) and the others, with the inputs the "
+        "others fire on, their largest CI and how many features those inputs had on."
+    )
+    return [head, ""] + _table(header, None, body)
+
+
 RENDERERS: dict[str, Callable[[Payload], list[str]]] = {
     "main_job": render_main_job,
     "gpt_speed": render_gpt_speed,
     "spd_speed": render_spd_speed,
     "spd_toy_suite": render_spd_toy_suite,
+    "spd_alive_detail": render_spd_alive_detail,
     "npt_component": render_npt_component,
     "npt_component_sweep": render_npt_component_sweep,
     "npt_layer": render_npt_layer,
