@@ -238,7 +238,7 @@ def render_spd_speed(payload: Payload) -> list[str]:
         + (
             " GFLOP: one step's matmul and attention arithmetic (torch's FlopCounterMode; elementwise work "
             "not counted), with the rate it ran at."
-            if "gflop" in next(iter(configs.values()))["ours"]
+            if counted
             else ""
         )
     )

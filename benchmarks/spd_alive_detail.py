@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import RESULTS_DIR, run_metadata, write_results  # noqa: E402
+from benchmarks.spd_toy_suite import run_dir  # noqa: E402
 from datamodules.sparse_features import sparse_feature_batch  # noqa: E402
 from lightning_modules.spd import SPDLightningModule  # noqa: E402
 from lightning_modules.spd.metrics import single_feature_cis  # noqa: E402
@@ -38,18 +39,10 @@ RUNS_DIR = ROOT / "lightning_logs" / "spd_toy_suite" / "runs"
 NAME = "spd_alive_detail"
 
 
-def run_version_dir(run: Path) -> Path:
-    """The run's newest lightning_logs/version_N directory."""
-    versions = sorted((run / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
-    if not versions:
-        raise FileNotFoundError(f"{run}: no lightning_logs/version_* (has the run finished?)")
-    return versions[-1]
-
-
 @torch.no_grad()
 def alive_detail(run: Path, examples: int, seed: int, threshold: float) -> dict[str, Any]:
     """Per module: alive count, the features' own components, and the other alive ones' firing."""
-    version = run_version_dir(run)
+    version = run_dir(run)
     config = yaml.safe_load((version / "config.yaml").read_text())
     data = config["data"]["init_args"]
     n_features = int(data["n_features"])
@@ -90,11 +83,7 @@ def alive_detail(run: Path, examples: int, seed: int, threshold: float) -> dict[
         modules[name] = {"alive": int(alive.sum()), "features_own": len(own), "extra": extra}
     return {
         "run": run.name,
-        "global_step": int(
-            torch.load(version / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)[
-                "global_step"
-            ]
-        ),
+        "global_step": json.loads((version / "spd_results.json").read_text())["global_step"],
         "examples": examples,
         "data_seed": seed,
         "threshold": threshold,
