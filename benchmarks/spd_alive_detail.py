@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import yaml
+from torch import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -40,8 +41,9 @@ NAME = "spd_alive_detail"
 
 
 @torch.no_grad()
-def alive_detail(run: Path, examples: int, seed: int, threshold: float) -> dict[str, Any]:
-    """Per module: alive count, the features' own components, and the other alive ones' firing."""
+def alive_detail(run: Path, examples: int, seed: int, threshold: float, chunk: int = 32768) -> dict[str, Any]:
+    """Per module: alive count, the features' own components, and the other alive ones' firing. The inputs
+    are drawn at once (the same sample for any chunk) and evaluated `chunk` at a time (memory)."""
     version = run_dir(run)
     config = yaml.safe_load((version / "config.yaml").read_text())
     data = config["data"]["init_args"]
@@ -57,29 +59,38 @@ def alive_detail(run: Path, examples: int, seed: int, threshold: float) -> dict[
         torch.Generator().manual_seed(seed),
         value_range=tuple(data.get("value_range", (0.0, 1.0))),
     )
-    ci = cm.calc_causal_importances(cm(x, cache_acts=True).cache)[0]
-    single = single_feature_cis(cm, n_features)
     n_on = (x != 0).sum(-1).float()
+    fired: dict[str, Tensor] = {}  # per module and component: inputs with CI > threshold
+    max_ci: dict[str, Tensor] = {}
+    on_fired: dict[str, Tensor] = {}  # the features on, summed over those inputs
+    for start in range(0, examples, chunk):
+        xs, ns = x[start : start + chunk], n_on[start : start + chunk]
+        ci = cm.calc_causal_importances(cm(xs, cache_acts=True).cache)[0]
+        for name, c in ci.items():
+            c = c.reshape(xs.shape[0], -1)
+            fires = (c > threshold).float()  # (chunk, C)
+            if name not in fired:
+                fired[name], on_fired[name] = torch.zeros(c.shape[1]), torch.zeros(c.shape[1])
+                max_ci[name] = torch.full((c.shape[1],), -torch.inf)
+            fired[name] += fires.sum(0)
+            on_fired[name] += ns @ fires
+            max_ci[name] = torch.maximum(max_ci[name], c.amax(0))
+    single = single_feature_cis(cm, n_features)
     modules = {}
-    for name, c in ci.items():
-        c = c.reshape(examples, -1)
-        fires = c > threshold  # (examples, C)
-        alive = fires.any(0)
+    for name, count in fired.items():
+        alive = count > 0
         own = set(single[name].argmax(-1).tolist())
-        extra = []
-        for comp in alive.nonzero().flatten().tolist():
-            if comp in own:
-                continue
-            on = fires[:, comp]
-            extra.append(
-                {
-                    "component": comp,
-                    "inputs": int(on.sum()),
-                    "rate": float(on.float().mean()),
-                    "max_ci": float(c[:, comp].max()),
-                    "mean_features_on": float(n_on[on].mean()),
-                }
-            )
+        extra = [
+            {
+                "component": comp,
+                "inputs": int(count[comp]),
+                "rate": float(count[comp] / examples),
+                "max_ci": float(max_ci[name][comp]),
+                "mean_features_on": float(on_fired[name][comp] / count[comp]),
+            }
+            for comp in alive.nonzero().flatten().tolist()
+            if comp not in own
+        ]
         modules[name] = {"alive": int(alive.sum()), "features_own": len(own), "extra": extra}
     return {
         "run": run.name,
@@ -100,7 +111,12 @@ def main() -> None:
         "--runs", nargs="*", default=None, help="run directory names (default: all seeded runs)"
     )
     parser.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
-    parser.add_argument("--examples", type=int, default=32768, help="inputs evaluated (the suite's 8 x 4096)")
+    parser.add_argument(
+        "--examples",
+        type=int,
+        default=32768,
+        help="inputs evaluated (4x the suite's count: its 2 validation batches of 4096)",
+    )
     parser.add_argument("--data-seed", type=int, default=5)
     parser.add_argument("--threshold", type=float, default=0.1)
     parser.add_argument("--out", type=Path, default=None)

@@ -44,3 +44,18 @@ def test_the_others_are_not_the_features_own_and_fire_above_the_threshold(short_
             assert e["max_ci"] > 0.1
             assert 1 <= e["inputs"] <= 512 and e["rate"] == e["inputs"] / 512
             assert e["mean_features_on"] >= 0
+
+
+def test_evaluating_in_chunks_changes_nothing(short_run):
+    # the same drawn inputs, evaluated 512 at once or 100 at a time (the last chunk short)
+    whole = alive_detail(short_run, examples=512, seed=2, threshold=0.05, chunk=512)
+    chunked = alive_detail(short_run, examples=512, seed=2, threshold=0.05, chunk=100)
+    assert whole["modules"].keys() == chunked["modules"].keys()
+    assert any(m["extra"] for m in whole["modules"].values())  # something to compare
+    for name, m in whole["modules"].items():
+        c = chunked["modules"][name]
+        assert (m["alive"], m["features_own"]) == (c["alive"], c["features_own"])
+        assert [e["component"] for e in m["extra"]] == [e["component"] for e in c["extra"]]
+        for a, b in zip(m["extra"], c["extra"]):
+            assert a["inputs"] == b["inputs"] and a["max_ci"] == b["max_ci"]
+            assert a["mean_features_on"] == pytest.approx(b["mean_features_on"])
