@@ -166,6 +166,37 @@ def remove_empty_run_dir(trainer: Trainer | None, existed_before: bool) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
+def _model_settings(config: Any, subcommand: str | None) -> dict[str, Any]:
+    """The subcommand's model init_args as a flat {dotted key: value} dict."""
+    model = config.get(subcommand or "", {}).get("model") if subcommand else None
+    init_args = model.get("init_args") if model is not None else None
+    if init_args is None:
+        return {}
+    tree = init_args.clone().as_dict() if hasattr(init_args, "as_dict") else dict(init_args)
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(tree, "")
+    return flat
+
+
+def _changed_settings(given: dict[str, Any], kept: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Keys present in both whose value differs: {key: (given, kept)}. Not counted: a None given (a value the
+    model derives when built) and vocabulary sizes (linked from the data at instantiation)."""
+    derived = ("vocab_size", "padded_vocab_size")
+    return {
+        k: (given[k], kept[k])
+        for k in given
+        if k in kept and given[k] != kept[k] and given[k] is not None and k.rsplit(".", 1)[-1] not in derived
+    }
+
+
 class CollectionCLI(LightningCLI):
     """LightningCLI with always-on checkpointing, LR monitoring, RNG state in checkpoints and a run report,
     the data's vocabulary size linked to the model, short error messages, a step-based progress bar, logs
@@ -227,7 +258,19 @@ class CollectionCLI(LightningCLI):
         special = ckpt_path in ("last", "best", "hpc", "registry")
         if ckpt_path and not special and not Path(ckpt_path).is_dir():  # DeepSpeed / FSDP: directories
             load_checkpoint_file(ckpt_path, weights_only=True)
+        before = _model_settings(self.config, subcommand)
         super()._parse_ckpt_path()
+        # LightningCLI then replaces the model settings with the checkpoint's hyper-parameters without a
+        # word, so a resume with a changed --model.* / overlay config would silently run the old ones.
+        changed = _changed_settings(before, _model_settings(self.config, subcommand))
+        if changed:
+            print(
+                f"note: --ckpt_path {ckpt_path}: the checkpoint's model hyper-parameters replace "
+                f"{len(changed)} setting(s) of the config / command line (a resume continues the "
+                "checkpointed run as it was):\n"
+                + "\n".join(f"  model.{key}: {given!r} -> {kept!r}" for key, (given, kept) in changed.items()),
+                file=sys.stderr,
+            )
 
     def _run_subcommand(self, subcommand: str) -> None:
         log_dir = getattr(self.trainer.logger, "log_dir", None) if self.trainer.logger else None

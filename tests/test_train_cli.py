@@ -46,6 +46,18 @@ def test_validate_test_and_predict_from_checkpoint(fitted_run):
         assert result.returncode == 0
 
 
+def test_resume_names_the_settings_the_checkpoint_overrides(fitted_run, tmp_path):
+    """LightningCLI restores a checkpoint's model hyper-parameters over the config on --ckpt_path; a changed
+    setting is named (given -> kept) instead of being dropped silently, and an unchanged resume says nothing."""
+    ckpt = tmp_path / "step6.ckpt"  # a copy: the resumed fits must not write into the shared run
+    ckpt.write_bytes((fitted_run / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").read_bytes())
+    common = ["--config", str(TINY), *FAST, f"--ckpt_path={ckpt}"]  # at max_steps already: ends at once
+    changed = run_train(tmp_path, "fit", *common, "--model.init_args.warmup_steps=7")
+    assert "model.warmup_steps: 7 -> 2" in changed.stderr, changed.stderr  # FAST's 2 is the one that runs
+    same = run_train(tmp_path, "fit", *common)
+    assert "hyper-parameters replace" not in same.stderr
+
+
 def test_several_configs_compose_in_order(tmp_path):
     override = tmp_path / "override.yaml"
     override.write_text("model:\n  init_args:\n    warmup_steps: 7\ntrainer:\n  max_steps: 3\n")
