@@ -268,7 +268,9 @@ class CollectionCLI(LightningCLI):
                 f"note: --ckpt_path {ckpt_path}: the checkpoint's model hyper-parameters replace "
                 f"{len(changed)} setting(s) of the config / command line (a resume continues the "
                 "checkpointed run as it was):\n"
-                + "\n".join(f"  model.{key}: {given!r} -> {kept!r}" for key, (given, kept) in changed.items()),
+                + "\n".join(
+                    f"  model.{key}: {given!r} -> {kept!r}" for key, (given, kept) in changed.items()
+                ),
                 file=sys.stderr,
             )
 
