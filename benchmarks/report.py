@@ -561,6 +561,7 @@ def render_npt_experiment(payload: Payload) -> list[str]:
 SPD_TOY_SUITES = {
     "tms_5-2": "TMS 5-2",
     "tms_40-10": "TMS 40-10",
+    "tms_40-10_anneal": "TMS 40-10, late p anneal",
     "resid_mlp1": "ResidMLP 1 layer",
     "resid_mlp2": "ResidMLP 2 layers",
     "resid_mlp3": "ResidMLP 3 layers",
@@ -600,8 +601,9 @@ def render_spd_toy_suite(payload: Payload) -> list[str]:
             ]
         )
     head = (
-        "Each decomposition seed (`seed_everything`) of the shipped `configs/spd/<suite>.yaml` on the suite's "
-        "target (trained once by `<suite>_target.yaml`, its seed as shipped), one CPU thread per run. Alive "
+        "Each decomposition seed (`seed_everything`) of the shipped `configs/spd/<suite>.yaml` (a variant: its "
+        "base suite's config with `configs/spd/variants/<variant>.yaml` over it) on the suite's target "
+        "(trained once by `<suite>_target.yaml`, its seed as shipped), one CPU thread per run. Alive "
         "and identity CI error per checked module (TMS: `linear1` / `linear2`; ResidMLP: each `mlp_in`); "
         "CI margins: the largest off-diagonal and smallest diagonal single-feature CI after the best "
         "permutation (identity CI error counts entries above 0.1 or below 0.9)."
@@ -627,8 +629,8 @@ def render_spd_alive_detail(payload: Payload) -> list[str]:
     """Per finished toy-suite run and module: alive, the features' own components, and how the other
     alive ones fire (benchmarks/spd_alive_detail.py)."""
     runs = payload["results"]["runs"]
-    header = ["run", "step", "module", "alive", "features' own", "others alive", "inputs they fire on",
-              "their largest CI", "features on where they fire (mean)"]  # fmt: skip
+    header = ["run", "step", "inputs", "module", "alive", "features' own", "others alive",
+              "inputs they fire on", "their largest CI", "features on where they fire (mean)"]  # fmt: skip
     body = []
     for name, run in runs.items():
         for module, m in run["modules"].items():
@@ -639,18 +641,20 @@ def render_spd_alive_detail(payload: Payload) -> list[str]:
                 [
                     name,
                     str(run["global_step"]),
+                    f"{run['examples']:,}",
                     module,
                     str(m["alive"]),
                     str(m["features_own"]),
                     str(len(extra)),
-                    f"{fired} of {run['examples']}" if extra else "-",
+                    str(fired) if extra else "-",
                     f"{max(e['max_ci'] for e in extra):.3f}" if extra else "-",
                     f"{on:.1f}" if on is not None else "-",
                 ]
             )
     first = next(iter(runs.values()))
     head = (
-        f"Each finished run's last checkpoint on {first['examples']} fresh inputs of its own data settings "
+        "Each finished run's last checkpoint on fresh inputs of its own data settings (as many as `inputs` says; "
+        f"32,768 is 4x the toy suite's own 8,192) "
         f"(data seed {first['data_seed']}; {first['mean_features_on']:.1f} features on per input on "
         f"average): components with CI > {first['threshold']} on some input, split into the features' own "
         "(the argmax component of each single-feature input 0.75 e_j) and the others, with the inputs the "

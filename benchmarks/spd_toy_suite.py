@@ -56,10 +56,31 @@ class Criteria:
 CRITERIA: dict[str, Criteria] = {
     "tms_5-2": Criteria(("linear1", "linear2"), alive=5, max_wall_s=600.0),
     "tms_40-10": Criteria(("linear1", "linear2"), alive=40),
+    "tms_40-10_anneal": Criteria(("linear1", "linear2"), alive=40),
     "resid_mlp1": Criteria(("layers.*.mlp_in",), alive=100),
     "resid_mlp2": Criteria(("layers.*.mlp_in",), alive=100),
     "resid_mlp3": Criteria(("layers.*.mlp_in",), alive=102),
 }
+
+# A variant suite decomposes its base suite's target with the base's shipped config and its own overlay,
+# configs/spd/variants/<variant>.yaml, over it (train.py applies `--config` files in order).
+VARIANTS: dict[str, str] = {"tms_40-10_anneal": "tms_40-10"}
+
+
+def base_suite(suite: str) -> str:
+    """The suite whose target (and base config) a suite uses: itself unless it is a variant."""
+    return VARIANTS.get(suite, suite)
+
+
+def suite_configs(suite: str) -> list[Path]:
+    """The decomposition's config files, in the order train.py applies them."""
+    files = [CONFIGS / f"{base_suite(suite)}.yaml"]
+    return files + [CONFIGS / "variants" / f"{suite}.yaml"] if suite in VARIANTS else files
+
+
+def config_args(suite: str) -> list[str]:
+    """`--config FILE` for each of the suite's config files."""
+    return [arg for path in suite_configs(suite) for arg in ("--config", str(path))]
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -169,10 +190,13 @@ def judge(suite: str, results: dict[str, Any], wall_s: float) -> tuple[bool, lis
 
 
 def config_steps(suite: str) -> int:
-    """The shipped decomposition config's trainer.max_steps."""
+    """The decomposition's trainer.max_steps (the last of its config files that sets it)."""
     import yaml
 
-    return int(yaml.safe_load((CONFIGS / f"{suite}.yaml").read_text())["trainer"]["max_steps"])
+    steps = None
+    for path in suite_configs(suite):
+        steps = (yaml.safe_load(path.read_text()).get("trainer") or {}).get("max_steps", steps)
+    return int(steps)
 
 
 def decompose(
@@ -180,7 +204,7 @@ def decompose(
 ) -> dict[str, Any]:
     """One decomposition seed: train.py fit, then its results, margins and verdict as a results row."""
     root = work / "runs" / f"{suite}_seed{seed}"
-    args = ["--config", str(CONFIGS / f"{suite}.yaml"), "--seed_everything", str(seed),
+    args = [*config_args(suite), "--seed_everything", str(seed),
             "--model.init_args.target", target["path"], "--trainer.default_root_dir", str(root)]  # fmt: skip
     if max_steps is not None:
         args += ["--trainer.max_steps", str(max_steps)]
@@ -206,7 +230,7 @@ def time_steps(
     walls = []
     for n in (steps, 2 * steps):
         root = work / "runs" / f"{suite}_timing{n}"
-        args = ["--config", str(CONFIGS / f"{suite}.yaml"), "--model.init_args.target", target["path"],
+        args = [*config_args(suite), "--model.init_args.target", target["path"],
                 "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(n),
                 "--trainer.val_check_interval", str(n), "--model.init_args.evaluation.final_eval_batches", "1",
                 "--model.init_args.faithfulness_warmup.steps", "0"]  # fmt: skip
@@ -252,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = run_metadata()
     machine = Machine(args.threads, args.accelerator)
     args.work.mkdir(parents=True, exist_ok=True)
-    target = ensure_target(args.suite, args.work, machine, args.target_max_steps)
+    target = ensure_target(base_suite(args.suite), args.work, machine, args.target_max_steps)
     new_rows: list[dict[str, Any]] = []
     timing = None
     if args.time_steps is not None:
@@ -267,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             new_rows = [f.result() for f in futures]
     results = load_existing(args.out)
     if args.target_max_steps is None:
-        results["targets"][args.suite] = {"checks": target["checks"], "wall_s": target["wall_s"]}
+        results["targets"][base_suite(args.suite)] = {"checks": target["checks"], "wall_s": target["wall_s"]}
     if timing is not None:
         results["timing"][args.suite] = timing
     replaced = {(r["suite"], r["seed"]) for r in new_rows}

@@ -8,7 +8,7 @@ from train import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-PRESET_DIRS = ("trainer", "callbacks", "loggers")
+PRESET_DIRS = ("trainer", "callbacks", "loggers", "variants")  # variants: overlays on a method config
 METHOD_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name not in PRESET_DIRS)
 TRAINER_PRESETS = sorted((CONFIGS / "trainer").glob("*.yaml"))
 BASE = CONFIGS / "gpt2" / "tiny.yaml"

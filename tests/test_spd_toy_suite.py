@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from benchmarks import spd_toy_suite
-from benchmarks.spd_toy_suite import CRITERIA, Machine, judge, parse_seeds
+from benchmarks.spd_toy_suite import CRITERIA, VARIANTS, Machine, base_suite, judge, parse_seeds
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "spd"
 
@@ -20,8 +20,8 @@ def _load(name: str) -> dict:
 @pytest.mark.parametrize("suite", sorted(CRITERIA))
 def test_recipe_matches_its_target(suite):
     """Same n_features in the target, its data and the decomposition's data; C covers the features; the
-    decomposition reads the file the target writes."""
-    target, spd = _load(f"{suite}_target"), _load(suite)
+    decomposition reads the file the target writes (a variant: its base's recipe)."""
+    target, spd = _load(f"{base_suite(suite)}_target"), _load(base_suite(suite))
     n = target["model"]["init_args"]["model_kwargs"]["n_features"]
     assert target["data"]["init_args"]["n_features"] == n
     assert spd["data"]["init_args"]["n_features"] == n
@@ -45,6 +45,29 @@ def test_resid_mlp_recipes_have_the_reference_sizes(suite, d_embed, d_mlp, n_lay
     spd = _load(suite)
     assert set(spd["model"]["init_args"]["target_module_patterns"].values()) == {C}
     assert spd["trainer"]["max_steps"] == steps
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variant_overlays_its_base_recipe(variant, tmp_path, monkeypatch):
+    """A variant suite runs train.py on its base config with its overlay after it: the overlay's keys win
+    and the base's other settings stay (the overlay sets only what it changes)."""
+    from train import cli_main
+
+    files = spd_toy_suite.suite_configs(variant)
+    assert files == [CONFIGS / f"{VARIANTS[variant]}.yaml", CONFIGS / "variants" / f"{variant}.yaml"]
+    assert spd_toy_suite.config_args(variant) == ["--config", str(files[0]), "--config", str(files[1])]
+    assert spd_toy_suite.config_steps(variant) == spd_toy_suite.config_steps(VARIANTS[variant])
+    monkeypatch.chdir(tmp_path)
+    args = [*spd_toy_suite.config_args(variant), "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.logger", "false"]  # fmt: skip
+    objective = cli_main(args, run=False).model.hparams["objective"]
+    overlay = yaml.safe_load(files[1].read_text())["model"]["init_args"]["objective"]
+    base = _load(VARIANTS[variant])["model"]["init_args"]["objective"]
+    for key, value in {**base, **overlay}.items():
+        if isinstance(value, dict):
+            assert {k: objective[key][k] for k in value} == value, key
+        else:
+            assert objective[key] == value, key
 
 
 def test_parse_seeds():
