@@ -168,7 +168,7 @@ def remove_empty_run_dir(trainer: Trainer | None, existed_before: bool) -> None:
 
 def _model_settings(config: Any, subcommand: str | None) -> dict[str, Any]:
     """The subcommand's model init_args as a flat {dotted key: value} dict."""
-    model = config.get(subcommand or "", {}).get("model") if subcommand else None
+    model = config.get(subcommand, {}).get("model") if subcommand else None
     init_args = model.get("init_args") if model is not None else None
     if init_args is None:
         return {}

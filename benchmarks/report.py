@@ -655,7 +655,8 @@ def render_spd_alive_detail(payload: Payload) -> list[str]:
     head = (
         "Each finished run's last checkpoint on fresh inputs of its own data settings (`inputs` of them: "
         f"32,768 is 4x the toy suite's own 8,192; data seed {first['data_seed']}; "
-        f"{first['mean_features_on']:.1f} features on per input on average): components with CI > {first['threshold']} on some input, split into the features' own "
+        f"{first['mean_features_on']:.1f} features on per input on average): components with CI > "
+        f"{first['threshold']} on some input, split into the features' own "
         "(the argmax component of each single-feature input 0.75 e_j) and the others, with the inputs the "
         "others fire on, their largest CI and how many features those inputs had on."
     )
