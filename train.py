@@ -310,11 +310,25 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> CollectionCLI:
     )
 
 
+def close_process_group() -> None:
+    """Destroy the default process group, if this process joined one, while the interpreter is whole.
+
+    Lightning destroys it at exit only for NCCL; a gloo group (configs/trainer/ddp_cpu.yaml) left to the
+    interpreter's finalisation can abort the process ("terminate called without an active exception",
+    SIGABRT) when a gloo worker thread still holds tensors then, and Lightning's launcher then kills the
+    other ranks: a finished run reported as failed (pytorch/pytorch#190489)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def main() -> int:
     """Run the CLI on sys.argv; a user error prints a short message (the traceback with --debug)."""
     debug = "--debug" in sys.argv
     sys.argv = [a for a in sys.argv if a != "--debug"]
-    ok, _ = run_reporting_user_errors(cli_main, debug)
+    try:
+        ok, _ = run_reporting_user_errors(cli_main, debug)
+    finally:
+        close_process_group()
     return 0 if ok else 2
 
 

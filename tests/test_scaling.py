@@ -1,9 +1,12 @@
 """Scaling out on CPU: 2-process DDP (gloo) through train.py against one process with the same global batch."""
 
 import json
+import sys
 from pathlib import Path
 
+import pytest
 import torch
+import torch.distributed as dist
 
 from lightning_modules.spd.targets import save_toy_target
 from lightning_modules.spd.toy_models import TMSModel
@@ -166,3 +169,20 @@ def test_ddp_two_processes_fit_spd_toy_config_like_one_process(tmp_path):
     run = the_only_run_dir(ddp)
     results = json.loads((run / "spd_results.json").read_text())  # written once, by rank 0
     assert set(results["modules"]) == {"linear1", "linear2"}
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["finished", "user_error"])
+def test_train_main_destroys_the_process_group_it_joined(monkeypatch, tmp_path, fails):
+    """A gloo group left to interpreter finalisation can abort a finished rank; main() destroys it first."""
+    import train
+
+    def joins_a_group() -> None:
+        store = tmp_path / "store"
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+        if fails:
+            raise ValueError("model.init_args.lr=-1 must be positive")
+
+    monkeypatch.setattr(train, "cli_main", joins_a_group)
+    monkeypatch.setattr(sys, "argv", ["train.py", "fit"])
+    assert train.main() == (2 if fails else 0)
+    assert not dist.is_initialized()
