@@ -117,6 +117,11 @@ def test_ddp_two_processes_fit_npt(tmp_path):
     )
     rank0, rank1 = read_record(tmp_path / "record", 0), read_record(tmp_path / "record", 1)
     assert rank0["finite"] and rank0["losses"] != rank1["losses"]  # each rank read different windows
+    # validation figures are reduced over ranks: every rank logs (and monitors) the same values
+    assert {"val/loss", "val/equiv_rel", "val_stats/modulation_norm"} <= rank0["val_metrics"].keys()
+    assert rank0["val_metrics"].keys() == rank1["val_metrics"].keys()
+    for name, value in rank0["val_metrics"].items():
+        assert rank1["val_metrics"][name] == pytest.approx(value, rel=1e-6), name
     # identical replicas: every tensor, frozen base and trained NP components alike
     assert_same_parameters(read_params(tmp_path / "record", 1), read_params(tmp_path / "record", 0), 0, 0)
     start, end = read_params(tmp_path / "record", 0, "start"), read_params(tmp_path / "record", 0, "end")

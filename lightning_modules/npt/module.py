@@ -333,8 +333,9 @@ class NPTLightningModule(pl.LightningModule):
         x, y = batch
         # the first batch's modulation norms feed the histogram drawn at the epoch's end
         out = self._eval_batch(x, y, keep_norms=batch_idx == 0)
-        self._log_terms("val", out, on_epoch=True)
-        self._log_stats("val_stats", on_epoch=True)
+        # per-rank batch means: the epoch's figure is their mean over ranks, the same on every rank
+        self._log_terms("val", out, on_epoch=True, sync_dist=True)
+        self._log_stats("val_stats", on_epoch=True, sync_dist=True)
         self.npt.clear()
 
     def _summary(self) -> dict[str, float]:

@@ -23,15 +23,16 @@ class PoisonGradients(pl.Callback):
 
 
 class RecordTraining(pl.Callback):
-    """Write {step: loss}, {step: weight checksum after the step} and {step: checkpoint files present} to
-    <out_dir>/rank<r>.json, and every parameter tensor at the start and end of fit to
-    <out_dir>/rank<r>_params_{start,end}.pt."""
+    """Write {step: loss}, {step: weight checksum after the step}, {step: checkpoint files present} and
+    the last validation's logged metrics {name: value} to <out_dir>/rank<r>.json, and every parameter
+    tensor at the start and end of fit to <out_dir>/rank<r>_params_{start,end}.pt."""
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = Path(out_dir)
         self.losses: dict[int, float] = {}
         self.checksums: dict[int, float] = {}
         self.checkpoints: dict[int, list[str]] = {}
+        self.val_metrics: dict[str, float] = {}
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx
@@ -41,6 +42,13 @@ class RecordTraining(pl.Callback):
         self.checksums[step] = float(sum(p.detach().double().sum() for p in pl_module.parameters()))
         dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
         self.checkpoints[step] = sorted(os.listdir(dirpath)) if dirpath and os.path.isdir(dirpath) else []
+        self._write(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        self.val_metrics = {k: float(v) for k, v in metrics.items() if k.startswith("val")}
         self._write(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -65,6 +73,7 @@ class RecordTraining(pl.Callback):
                     "losses": self.losses,
                     "checksums": self.checksums,
                     "checkpoints": self.checkpoints,
+                    "val_metrics": self.val_metrics,
                     "finite": bool(finite),
                 }
             )
