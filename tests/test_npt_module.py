@@ -246,3 +246,40 @@ def test_train_cli_fit_writes_np_only_checkpoint(tmp_path) -> None:
     initial = {n: p for n, p in NPTLightningModule(**hparams).named_parameters() if ".np." in n}
     assert len(initial) == 2 * 3 and set(state["state_dict"]) == set(initial)  # layers 2, 3 x 3 tensors
     assert all(not torch.equal(state["state_dict"][n], p) for n, p in initial.items())
+
+
+def test_validation_logs_each_key_from_one_place(tmp_path) -> None:
+    """val/equiv_rel (the checkpoint monitor of the NPT configs) has one definition: the epoch's
+    torchmetrics mean, equal to the mean of its per-layer values; validation steps do not log it too."""
+    module = _module()
+    logged_by: dict[str, set[str]] = {}
+    log = module.log
+
+    def spy(name: str, *args, **kwargs) -> None:
+        logged_by.setdefault(name, set()).add(hook[0])
+        log(name, *args, **kwargs)
+
+    hook = ["other"]
+    module.log = spy
+    for hook_name in ("validation_step", "on_validation_epoch_end"):
+        original = getattr(module, hook_name)
+
+        def wrapped(*args, _original=original, _name=hook_name, **kwargs):
+            hook[0] = _name
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                hook[0] = "other"
+
+        setattr(module, hook_name, wrapped)
+    trainer = _trainer(tmp_path, 2, limit_val_batches=3)
+    trainer.validate(module, _loader(n=24))
+    twice = {k: v for k, v in logged_by.items() if len(v) > 1}
+    assert not twice, twice
+    assert logged_by["val/equiv_rel"] == {"on_validation_epoch_end"}
+    metrics = trainer.callback_metrics
+    layers = [metrics[f"val/equiv_rel_layer{i}"] for i in module.npt.indices]
+    assert len(layers) == 2 and metrics["val/equiv_rel"].item() == pytest.approx(
+        torch.stack(layers).mean().item()
+    )
+    assert not any(k.startswith("val/layer") and k.endswith("_rel") for k in metrics)

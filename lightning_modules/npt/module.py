@@ -281,13 +281,18 @@ class NPTLightningModule(pl.LightningModule):
             teacher=teacher,
         )
 
-    def _log_terms(self, prefix: str, out: dict[str, Any], **kw: Any) -> None:
+    def _log_terms(self, prefix: str, out: dict[str, Any], with_rel: bool = True, **kw: Any) -> None:
+        """The loss terms and per-layer errors; with_rel=False leaves out equiv_rel and layer<i>_rel (the
+        validation epoch's summary defines those, from its torchmetrics: one key, one definition)."""
         for name in ("loss", "equiv", "equiv_rel", "fidelity", "reg"):
+            if name == "equiv_rel" and not with_rel:
+                continue
             bar = name == "loss" or (name == "equiv_rel" and prefix == "train")
             self.log(f"{prefix}/{name}", out[name].detach(), prog_bar=bar, **kw)
         for i, value, rel in zip(out["run"], out["layers"], out["layers_rel"]):
             self.log(f"{prefix}/layer{i}", value.detach(), **kw)
-            self.log(f"{prefix}/layer{i}_rel", rel.detach(), **kw)
+            if with_rel:
+                self.log(f"{prefix}/layer{i}_rel", rel.detach(), **kw)
 
     def _log_stats(self, prefix: str, **kw: Any) -> None:
         """Per-layer NP statistics and exact-patch gap, and their means over layers."""
@@ -333,8 +338,9 @@ class NPTLightningModule(pl.LightningModule):
         x, y = batch
         # the first batch's modulation norms feed the histogram drawn at the epoch's end
         out = self._eval_batch(x, y, keep_norms=batch_idx == 0)
-        # per-rank batch means: the epoch's figure is their mean over ranks, the same on every rank
-        self._log_terms("val", out, on_epoch=True, sync_dist=True)
+        # per-rank batch means: the epoch's figure is their mean over ranks, the same on every rank;
+        # val/equiv_rel and its per-layer values come from the epoch's torchmetrics (on_validation_epoch_end)
+        self._log_terms("val", out, with_rel=False, on_epoch=True, sync_dist=True)
         self._log_stats("val_stats", on_epoch=True, sync_dist=True)
         self.npt.clear()
 
