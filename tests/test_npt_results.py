@@ -93,7 +93,8 @@ def test_validation_logs_three_perplexities_and_writes_results(tmp_path) -> None
     m = trainer.callback_metrics
     for name in ("ppl_original", "ppl_npt", "ppl_attention_dropped", "recovered", "equiv_rel"):
         assert f"val/{name}" in m, name
-    assert {"val/equiv_rel_layer1", "val/equiv_rel_layer2", "val/layer1_rel"} <= set(m)
+    assert {"val/equiv_rel_layer1", "val/equiv_rel_layer2", "val/layer1", "train/layer1_rel"} <= set(m)
+    assert "val/layer1_rel" not in m  # one name per figure: val/equiv_rel_layer1
     expected = recovered_fraction(
         float(m["val/ppl_attention_dropped"]), float(m["val/ppl_npt"]), float(m["val/ppl_original"])
     )

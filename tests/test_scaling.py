@@ -36,6 +36,13 @@ def assert_same_parameters(
         )
 
 
+def assert_no_needless_warnings(output: str) -> None:
+    """Lightning's warnings that do not apply to our modules stay quiet: figures reduced by torchmetrics
+    (no sync_dist advice) and frozen targets kept in eval mode on purpose."""
+    assert "sync_dist=True" not in output
+    assert "in eval mode at the start of training" not in output
+
+
 def typical_change(out_dir: Path) -> float:
     """Median |change| of the parameter elements over the fit (rank 0): what a tolerance must be far below."""
     start, end = read_params(out_dir, 0, "start"), read_params(out_dir, 0, "end")
@@ -57,7 +64,7 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
         *common,
         "--data.init_args.batch_size=8",
     )
-    run_train(
+    result = run_train(
         ddp,
         "fit",
         "--config",
@@ -84,6 +91,7 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
     assert abs(mean_first_loss - one["losses"][1]) < 1e-4  # the two halves of the same global batch
     # one run directory, one set of TensorBoard events, checkpoints written once (rank 0)
     the_only_run_dir(ddp)
+    assert_no_needless_warnings(result.stdout + result.stderr)
 
 
 NPT_FAST = [
@@ -103,7 +111,7 @@ NPT_FAST = [
 
 def test_ddp_two_processes_fit_npt(tmp_path):
     config = ROOT / "configs" / "npt" / "gpt_tiny.yaml"
-    run_train(
+    result = run_train(
         tmp_path,
         "fit",
         "--config",
@@ -127,6 +135,7 @@ def test_ddp_two_processes_fit_npt(tmp_path):
     start, end = read_params(tmp_path / "record", 0, "start"), read_params(tmp_path / "record", 0, "end")
     assert all(torch.equal(end[n], start[n]) != (".np." in n) for n in start)  # only NP tensors trained
     the_only_run_dir(tmp_path)
+    assert_no_needless_warnings(result.stdout + result.stderr)
 
 
 SPD_TMS = ROOT / "configs" / "spd" / "tms_5-2.yaml"
@@ -156,7 +165,7 @@ def test_ddp_two_processes_fit_spd_toy_config_like_one_process(tmp_path):
         single, "fit", "--config", str(SPD_TMS), "--config", str(record_yaml(single)), *common,
         "--data.init_args.batch_size=16",
     )  # fmt: skip
-    run_train(
+    result = run_train(
         ddp, "fit", "--config", str(SPD_TMS), "--config", str(DDP_CPU), "--config", str(record_yaml(ddp)),
         *common, "--data.init_args.batch_size=8", timeout=900,
     )  # fmt: skip
@@ -174,6 +183,7 @@ def test_ddp_two_processes_fit_spd_toy_config_like_one_process(tmp_path):
     run = the_only_run_dir(ddp)
     results = json.loads((run / "spd_results.json").read_text())  # written once, by rank 0
     assert set(results["modules"]) == {"linear1", "linear2"}
+    assert_no_needless_warnings(result.stdout + result.stderr)
 
 
 @pytest.mark.parametrize("fails", [False, True], ids=["finished", "user_error"])

@@ -18,6 +18,7 @@ from callbacks.paths import run_dir
 from callbacks.prediction_writer import TextPredictionWriter
 from lightning_modules.common.batch import report_batch
 from lightning_modules.common.compat import check_data_fits, datamodule_of
+from lightning_modules.common.logging import log_rank_reduced
 from lightning_modules.common.optim import adamw, check_schedule_args, configure_optimizer
 from lightning_modules.common.targets import load_target_model
 from lightning_modules.gpt.checkpoint import training_fields
@@ -195,13 +196,7 @@ class GPTLightningModule(pl.LightningModule):
         return bpb
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()  # synchronised across ranks by torchmetrics
-        self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
-        self.log("val/ppl", torch.exp(loss), sync_dist=False)
-        bpb = self._bits_per_byte()
-        if bpb is not None:
-            self.log("val/bpb", bpb, sync_dist=False)
+        self._log_epoch_figures("val")
         if not self.trainer.sanity_checking:
             self._log_sample()
             self._log_attention_figure()
@@ -210,13 +205,17 @@ class GPTLightningModule(pl.LightningModule):
         self.validation_step(batch, batch_idx)
 
     def on_test_epoch_end(self) -> None:
+        self._log_epoch_figures("test")
+
+    def _log_epoch_figures(self, prefix: str) -> None:
+        """<prefix>/loss, /ppl and (with token_bytes) /bpb of the pass, reduced across ranks by torchmetrics."""
         loss = self.val_loss.compute()
         self.val_loss.reset()
-        self.log("test/loss", loss)
-        self.log("test/ppl", torch.exp(loss))
+        figures = {f"{prefix}/loss": loss, f"{prefix}/ppl": torch.exp(loss)}
         bpb = self._bits_per_byte()
         if bpb is not None:
-            self.log("test/bpb", bpb)
+            figures[f"{prefix}/bpb"] = bpb
+        log_rank_reduced(self, figures, prog_bar=["val/loss"])
 
     def predict_step(self, batch: Any, batch_idx: int) -> list[str] | torch.Tensor:
         """Continue each prompt in the batch ((x, y) pairs use x) with the sampling settings; returns the texts

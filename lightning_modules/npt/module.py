@@ -30,6 +30,7 @@ from torchmetrics import MeanMetric
 
 from callbacks.paths import run_dir
 from lightning_modules.common.compat import check_data_fits, datamodule_of
+from lightning_modules.common.logging import expect_frozen_eval_modules, log_rank_reduced
 from lightning_modules.common.optim import (
     adamw,
     check_schedule_args,
@@ -187,6 +188,9 @@ class NPTLightningModule(pl.LightningModule):
         self._figure_norms: dict[int, Tensor] | None = None
 
     # ------------------------------------------------------------------ checks
+    def on_fit_start(self) -> None:
+        expect_frozen_eval_modules(self, self.npt.model)  # the frozen target runs in eval mode by design
+
     def setup(self, stage: str) -> None:
         datamodule = datamodule_of(self)
         check_data_fits(
@@ -361,10 +365,9 @@ class NPTLightningModule(pl.LightningModule):
         return out
 
     def on_validation_epoch_end(self) -> None:
-        summary = self._summary()
-        for name, value in summary.items():
-            tag = f"val/{name}" if "/" not in name else f"val/{name.replace('/', '_')}"
-            self.log(tag, value, prog_bar=name in ("equiv_rel", "ppl_npt"))
+        summary = self._summary()  # torchmetrics: reduced across ranks
+        figures = {f"val/{name.replace('/', '_')}": value for name, value in summary.items()}
+        log_rank_reduced(self, figures, prog_bar=["val/equiv_rel", "val/ppl_npt"])
         if self.trainer.sanity_checking:
             return
         for name, value in summary.items():

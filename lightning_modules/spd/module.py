@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from callbacks.paths import run_dir
+from lightning_modules.common.logging import expect_frozen_eval_modules
 from lightning_modules.common.optim import (
     adamw,
     check_schedule_args,
@@ -249,6 +250,7 @@ class SPDLightningModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
+        expect_frozen_eval_modules(self, self.cm.target_model)
         self._tie()  # device moves break `.data` ties
         cfg = self.warmup_cfg
         if cfg.steps and not bool(self.warmup_done):
