@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,15 @@ class _DropNoise(logging.Filter):
 
 
 def quiet_lightning_notices() -> None:
-    """Drop the NOISE notices from Lightning's rank-zero logger (idempotent)."""
+    """Drop the NOISE notices from Lightning's rank-zero logger, and Lightning's own use of torch's
+    deprecated `LeafSpec` (a FutureWarning that every run printed once, about code no user can change)
+    (idempotent)."""
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropNoise) for f in logger.filters):
         logger.addFilter(_DropNoise())
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
 
 
 def batch_items(batch: Any) -> tuple[int, str]:

@@ -11,7 +11,8 @@ from tests.helpers.cli import FAST, TINY, run_train
 @pytest.fixture(scope="module")
 def fitted_run(tmp_path_factory) -> Path:
     cwd = tmp_path_factory.mktemp("fit")
-    run_train(cwd, "fit", "--config", str(TINY), *FAST)
+    result = run_train(cwd, "fit", "--config", str(TINY), *FAST)
+    (cwd / "output.txt").write_text(result.stdout + result.stderr)
     return cwd
 
 
@@ -26,6 +27,18 @@ def test_fit_writes_events_checkpoints_config_and_sample(fitted_run):
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == 6
     assert state["hyper_parameters"]["config"]["vocab_size"] == 512  # linked from the data
+
+
+def test_fit_prints_no_notice_a_user_cannot_act_on(fitted_run):
+    output = (fitted_run / "output.txt").read_text()
+    assert "run directory" in output  # what a run does print
+    for noise in (
+        "LeafSpec",
+        "💡 Tip:",
+        "Trainer already configured with model summary callbacks",
+        "Warning",
+    ):
+        assert noise not in output, noise
 
 
 def test_tensorboard_has_losses_lr_and_sample(fitted_run):
