@@ -18,8 +18,8 @@ from callbacks.paths import run_dir
 from callbacks.prediction_writer import TextPredictionWriter
 from lightning_modules.common.batch import report_batch
 from lightning_modules.common.compat import check_data_fits, datamodule_of
-from lightning_modules.common.logging import log_rank_reduced
 from lightning_modules.common.optim import adamw, check_schedule_args, configure_optimizer
+from lightning_modules.common.quiet_logging import log_rank_reduced
 from lightning_modules.common.targets import load_target_model
 from lightning_modules.gpt.checkpoint import training_fields
 from lightning_modules.gpt.config import GPTConfig

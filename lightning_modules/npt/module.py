@@ -30,7 +30,6 @@ from torchmetrics import MeanMetric
 
 from callbacks.paths import run_dir
 from lightning_modules.common.compat import check_data_fits, datamodule_of
-from lightning_modules.common.logging import expect_frozen_eval_modules, log_rank_reduced
 from lightning_modules.common.optim import (
     adamw,
     check_schedule_args,
@@ -38,6 +37,7 @@ from lightning_modules.common.optim import (
     warmup_cosine_lambda,
 )
 from lightning_modules.common.plotting import log_figures, save_figures
+from lightning_modules.common.quiet_logging import expect_frozen_eval_modules, log_rank_reduced
 from lightning_modules.npt.components import INITS, MODULATIONS
 from lightning_modules.npt.convert import convert, load_target
 from lightning_modules.npt.figures import history_figures, modulation_norm_figure

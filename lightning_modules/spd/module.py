@@ -20,7 +20,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from callbacks.paths import run_dir
-from lightning_modules.common.logging import expect_frozen_eval_modules
 from lightning_modules.common.optim import (
     adamw,
     check_schedule_args,
@@ -28,6 +27,7 @@ from lightning_modules.common.optim import (
     total_training_steps,
 )
 from lightning_modules.common.plotting import log_figures, save_figures
+from lightning_modules.common.quiet_logging import expect_frozen_eval_modules
 from lightning_modules.common.seeds import mixed_seed
 from lightning_modules.gpt.config import GPTConfig
 

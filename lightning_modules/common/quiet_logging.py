@@ -1,4 +1,4 @@
-"""What LightningModules log, and Lightning warnings that do not apply to them."""
+"""Logging without the Lightning warnings that do not apply to our modules."""
 
 from __future__ import annotations
 

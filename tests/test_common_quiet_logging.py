@@ -1,4 +1,4 @@
-"""lightning_modules.common.logging: Lightning's eval-mode warning quiet only for a frozen part in eval."""
+"""lightning_modules.common.quiet_logging: Lightning's eval-mode warning quiet only for a frozen part in eval."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from lightning.fabric.utilities.warnings import PossibleUserWarning
 from torch import nn
 
-from lightning_modules.common.logging import expect_frozen_eval_modules
+from lightning_modules.common.quiet_logging import expect_frozen_eval_modules
 
 
 class WithFrozenTarget(pl.LightningModule):
