@@ -562,6 +562,7 @@ SPD_TOY_SUITES = {
     "tms_5-2": "TMS 5-2",
     "tms_40-10": "TMS 40-10",
     "tms_40-10_anneal": "TMS 40-10, late p anneal",
+    "tms_40-10_anneal_fwarm": "TMS 40-10, late p anneal + 1000-step faithfulness warm-up",
     "resid_mlp1": "ResidMLP 1 layer",
     "resid_mlp2": "ResidMLP 2 layers",
     "resid_mlp3": "ResidMLP 3 layers",
