@@ -563,6 +563,8 @@ SPD_TOY_SUITES = {
     "tms_40-10": "TMS 40-10",
     "tms_40-10_anneal": "TMS 40-10, late p anneal",
     "tms_40-10_anneal_fwarm": "TMS 40-10, late p anneal + 1000-step faithfulness warm-up",
+    "tms_40-10_anneal_fwarm_lrfloor": "TMS 40-10, late p anneal + warm-up + lr floor 0.1",
+    "tms_40-10_anneal_fwarm_cwd": "TMS 40-10, late p anneal + warm-up + component weight decay 0.3",
     "resid_mlp1": "ResidMLP 1 layer",
     "resid_mlp2": "ResidMLP 2 layers",
     "resid_mlp3": "ResidMLP 3 layers",
@@ -626,12 +628,21 @@ def render_spd_toy_suite(payload: Payload) -> list[str]:
     return [head, ""] + _table(header, None, body) + ([""] + tail if tail else [])
 
 
+def _weight_norms(module: dict[str, Any]) -> str:
+    """'largest other / smallest own' component weight norm of an alive-detail module row, or '-'."""
+    extra = module["extra"]
+    if not extra or "own_min_weight_norm" not in module:
+        return "-"
+    return f"{max(e['weight_norm'] for e in extra):.4f} / {module['own_min_weight_norm']:.3f}"
+
+
 def render_spd_alive_detail(payload: Payload) -> list[str]:
     """Per finished toy-suite run and module: alive, the features' own components, and how the other
     alive ones fire (benchmarks/spd_alive_detail.py)."""
     runs = payload["results"]["runs"]
     header = ["run", "step", "inputs", "module", "alive", "features' own", "others alive",
-              "inputs they fire on", "their largest CI", "features on where they fire (mean)"]  # fmt: skip
+              "inputs they fire on", "their largest CI", "features on where they fire (mean)",
+              "their largest weight norm / own smallest"]  # fmt: skip
     body = []
     for name, run in runs.items():
         for module, m in run["modules"].items():
@@ -650,6 +661,7 @@ def render_spd_alive_detail(payload: Payload) -> list[str]:
                     str(fired) if extra else "-",
                     f"{max(e['max_ci'] for e in extra):.3f}" if extra else "-",
                     f"{on:.1f}" if on is not None else "-",
+                    _weight_norms(m),
                 ]
             )
     first = next(iter(runs.values()))
@@ -659,7 +671,9 @@ def render_spd_alive_detail(payload: Payload) -> list[str]:
         f"{first['mean_features_on']:.1f} features on per input on average): components with CI > "
         f"{first['threshold']} on some input, split into the features' own "
         "(the argmax component of each single-feature input 0.75 e_j) and the others, with the inputs the "
-        "others fire on, their largest CI and how many features those inputs had on."
+        "others fire on, their largest CI and how many features those inputs had on; the last column "
+        "compares the weight the others hold with the features' own (|V[:, c]| |U[c, :]|, the Frobenius "
+        "norm of component c's rank-one weight; '-' where there are no others or the row predates it)."
     )
     return [head, ""] + _table(header, None, body)
 

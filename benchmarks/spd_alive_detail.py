@@ -40,6 +40,12 @@ RUNS_DIR = ROOT / "lightning_logs" / "spd_toy_suite" / "runs"
 NAME = "spd_alive_detail"
 
 
+def component_weight_norms(components: Any) -> Tensor:
+    """|V[:, c] U[c, :]|_F = |V[:, c]| |U[c, :]| per component c (C,): how much of the weight each holds.
+    A component can hold almost none (U near 0) while its CI input x V[:, c] is not small."""
+    return components.V.norm(dim=0) * components.U.norm(dim=1)
+
+
 @torch.no_grad()
 def alive_detail(run: Path, examples: int, seed: int, threshold: float, chunk: int = 32768) -> dict[str, Any]:
     """Per module: alive count, the features' own components, and the other alive ones' firing. The inputs
@@ -80,6 +86,7 @@ def alive_detail(run: Path, examples: int, seed: int, threshold: float, chunk: i
     for name, count in fired.items():
         alive = count > 0
         own = set(single[name].argmax(-1).tolist())
+        norms = component_weight_norms(cm.component(name))
         extra = [
             {
                 "component": comp,
@@ -87,11 +94,17 @@ def alive_detail(run: Path, examples: int, seed: int, threshold: float, chunk: i
                 "rate": float(count[comp] / examples),
                 "max_ci": float(max_ci[name][comp]),
                 "mean_features_on": float(on_fired[name][comp] / count[comp]),
+                "weight_norm": float(norms[comp]),
             }
             for comp in alive.nonzero().flatten().tolist()
             if comp not in own
         ]
-        modules[name] = {"alive": int(alive.sum()), "features_own": len(own), "extra": extra}
+        modules[name] = {
+            "alive": int(alive.sum()),
+            "features_own": len(own),
+            "own_min_weight_norm": float(norms[sorted(own)].min()),
+            "extra": extra,
+        }
     return {
         "run": run.name,
         "global_step": json.loads((version / "spd_results.json").read_text())["global_step"],

@@ -58,6 +58,8 @@ CRITERIA: dict[str, Criteria] = {
     "tms_40-10": Criteria(("linear1", "linear2"), alive=40),
     "tms_40-10_anneal": Criteria(("linear1", "linear2"), alive=40),
     "tms_40-10_anneal_fwarm": Criteria(("linear1", "linear2"), alive=40),
+    "tms_40-10_anneal_fwarm_lrfloor": Criteria(("linear1", "linear2"), alive=40),
+    "tms_40-10_anneal_fwarm_cwd": Criteria(("linear1", "linear2"), alive=40),
     "resid_mlp1": Criteria(("layers.*.mlp_in",), alive=100),
     "resid_mlp2": Criteria(("layers.*.mlp_in",), alive=100),
     "resid_mlp3": Criteria(("layers.*.mlp_in",), alive=102),
@@ -65,7 +67,12 @@ CRITERIA: dict[str, Criteria] = {
 
 # A variant suite decomposes its base suite's target with the base's shipped config and its own overlay,
 # configs/spd/variants/<variant>.yaml, over it (train.py applies `--config` files in order).
-VARIANTS: dict[str, str] = {"tms_40-10_anneal": "tms_40-10", "tms_40-10_anneal_fwarm": "tms_40-10"}
+VARIANTS: dict[str, str] = {
+    "tms_40-10_anneal": "tms_40-10",
+    "tms_40-10_anneal_fwarm": "tms_40-10",
+    "tms_40-10_anneal_fwarm_lrfloor": "tms_40-10",
+    "tms_40-10_anneal_fwarm_cwd": "tms_40-10",
+}
 
 
 def base_suite(suite: str) -> str:

@@ -60,6 +60,20 @@ def test_decay_groups_spare_biases_and_norms_and_one_group_otherwise():
     assert len(single["optimizer"].param_groups) == 1 and single["lr_scheduler"]["interval"] == "step"
 
 
+def test_group_weight_decay_gives_each_prefix_its_own_decay_and_the_rest_the_optimizers():
+    module = _Module(steps=10)
+    named = list(module.named_parameters())
+    out = configure_optimizer(
+        module, adamw(1e-3, 0.1), named, 2, 0.1, decay_groups=False, group_weight_decay={"linear.": 0.5}
+    )
+    linear, rest = out["optimizer"].param_groups
+    assert linear["weight_decay"] == 0.5 and rest["weight_decay"] == 0.1  # the optimizer's
+    assert linear["params"] == [module.linear.weight, module.linear.bias]
+    assert rest["params"] == [module.norm.weight, module.norm.bias]
+    with pytest.raises(ValueError, match="group_weight_decay needs decay_groups=False"):
+        configure_optimizer(module, adamw(1e-3, 0.1), named, 2, 0.1, group_weight_decay={"linear.": 0.5})
+
+
 def test_schedule_warms_up_then_decays_to_the_floor_over_the_run_or_lr_decay_steps():
     module = _Module(steps=20)
     out = configure_optimizer(module, adamw(1.0, 0.0), module.named_parameters(), 4, 0.1)

@@ -2,8 +2,10 @@
 and the others, with how the others fire."""
 
 import pytest
+import torch
 
-from benchmarks.spd_alive_detail import alive_detail
+from benchmarks.spd_alive_detail import alive_detail, component_weight_norms
+from lightning_modules.spd.components import LinearComponents
 from lightning_modules.spd.targets import save_toy_target
 from lightning_modules.spd.toy_models import TMSModel
 from tests.helpers.cli import ROOT, run_train
@@ -59,3 +61,21 @@ def test_evaluating_in_chunks_changes_nothing(short_run):
         for a, b in zip(m["extra"], c["extra"]):
             assert a["inputs"] == b["inputs"] and a["max_ci"] == b["max_ci"]
             assert a["mean_features_on"] == pytest.approx(b["mean_features_on"])
+
+
+def test_weight_norms_are_each_components_rank_one_weight():
+    # |V[:, c] U[c, :]|_F of each rank-one weight, against the product formed in full
+    comp = LinearComponents(7, 5, C=4)
+    with torch.no_grad():
+        comp.U[2].mul_(1e-3)  # a component holding almost no weight
+    norms = component_weight_norms(comp)
+    full = torch.stack([torch.outer(comp.V[:, c], comp.U[c]).norm() for c in range(4)])
+    torch.testing.assert_close(norms, full)
+    assert norms[2] < 1e-2 * norms[[0, 1, 3]].min()
+
+
+def test_rows_record_the_weight_the_others_hold(short_run):
+    row = alive_detail(short_run, examples=256, seed=0, threshold=-1.0)
+    for m in row["modules"].values():
+        assert m["own_min_weight_norm"] > 0
+        assert all(e["weight_norm"] >= 0 for e in m["extra"])

@@ -145,6 +145,19 @@ def test_tied_components_share_storage_after_fit(tms_target, tmp_path):
     torch.testing.assert_close(lin2.weight, lin1.weight.t())
 
 
+def test_component_weight_decay_applies_to_the_components_alone(tms_target, tmp_path):
+    module = spd_module(tms_target, component_weight_decay=0.3)
+    trainer = fit(module, toy_data(), tmp_path, steps=1)
+    (optimizer,) = trainer.optimizers
+    components, ci_fns = optimizer.param_groups
+    assert components["weight_decay"] == 0.3 and ci_fns["weight_decay"] == 0.0  # the optimizer's
+    ids = lambda params: {id(p) for p in params}  # noqa: E731
+    assert ids(components["params"]) == ids(module.cm.components.parameters())
+    assert ids(ci_fns["params"]) == ids(module.cm.ci_fns.parameters())
+    with pytest.raises(ValueError, match="component_weight_decay must be >= 0"):
+        spd_module(tms_target, component_weight_decay=-0.1)
+
+
 def test_resid_mlp_target_and_decomposition(tmp_path):
     data = toy_data(12, value_range=(-1.0, 1.0))
     target = ToyTargetLightningModule(

@@ -47,6 +47,24 @@ def decay_param_groups(named_params: Iterable[tuple[str, nn.Parameter]]) -> list
     return groups
 
 
+def prefix_param_groups(
+    named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: dict[str, float]
+) -> list[dict[str, Any]]:
+    """One group per prefix of `weight_decay` (the parameters whose names start with it, at its weight
+    decay; the first matching prefix wins), then the rest at the optimizer's own; empty groups left out."""
+    by_prefix: dict[str, list[nn.Parameter]] = {prefix: [] for prefix in weight_decay}
+    rest: list[nn.Parameter] = []
+    for name, param in named_params:
+        prefix = next((p for p in weight_decay if name.startswith(p)), None)
+        (rest if prefix is None else by_prefix[prefix]).append(param)
+    groups = [
+        {"params": params, "weight_decay": weight_decay[prefix]}
+        for prefix, params in by_prefix.items()
+        if params
+    ]
+    return groups + ([{"params": rest}] if rest or not groups else [])
+
+
 def optimizer_class(factory: Any) -> type | None:
     """The optimizer class a factory builds: the factory itself, a partial's function, or (jsonargparse's
     OptimizerCallable: a partial of its instantiator) the class among the partial's arguments."""
@@ -119,17 +137,26 @@ def configure_optimizer(
     min_lr_ratio: float,
     lr_decay_steps: int | None = None,
     decay_groups: bool = True,
+    group_weight_decay: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """What `configure_optimizers` returns: the factory's optimizer over the trainable parameters (decay
     only on 2+-dim tensors when `decay_groups`, else one group), fused on CUDA, stepped every optimizer step
-    by linear warmup then cosine to `min_lr_ratio` of the peak at `total_training_steps`."""
+    by linear warmup then cosine to `min_lr_ratio` of the peak at `total_training_steps`.
+
+    `group_weight_decay` ({name prefix: weight decay}, with `decay_groups` False): the parameters whose
+    names start with a prefix form a group with that weight decay; the rest keep the optimizer's."""
     named = [(name, p) for name, p in named_params if p.requires_grad]
+    if group_weight_decay and decay_groups:
+        raise ValueError("group_weight_decay needs decay_groups=False")
     if takes_named_params(factory):  # MuonWithAdamW: it splits by name and shape itself
         check_optimizer_strategy(factory, getattr(module.trainer, "strategy", None))
         splits = fused_qkv_splits(module, (name for name, _ in named))
         optimizer = build_optimizer(partial(factory, row_splits=splits), named, module.device.type == "cuda")
     else:
-        groups = decay_param_groups(named) if decay_groups else [{"params": [p for _, p in named]}]
+        if decay_groups:
+            groups = decay_param_groups(named)
+        else:
+            groups = prefix_param_groups(named, group_weight_decay or {})
         optimizer = build_optimizer(factory, groups, on_cuda=module.device.type == "cuda")
     total = total_training_steps(module.trainer, lr_decay_steps)
     warmup = min(warmup_steps, total - 1)

@@ -84,6 +84,10 @@ class SPDLightningModule(pl.LightningModule):
         optimizer: OptimizerCallable over components and CI functions, one parameter group (default AdamW
             lr 1e-3, wd 0, betas (0.9, 0.999)); warmup_steps, then cosine to min_lr_ratio of the peak at
             lr_decay_steps (None: the end of the run).
+        component_weight_decay: the weight decay of the components' V and U alone (None: the optimizer's,
+            which also applies to the CI functions). Not in the reference's recipes: with AdamW's
+            decoupled decay it shrinks what no loss holds up, such as the input side V of a component
+            whose weight V U has gone to ~0 (docs/spd.md, alive detail).
         compile: torch.compile the CI functions and components (in configure_model).
         cpu_threads: torch.set_num_threads on CPU runs (None: leave it); toys run fastest on 1 thread.
         flat: the groups' fields as flat arguments (`ci_fn_type`, `faithfulness_warmup_steps`,
@@ -105,6 +109,7 @@ class SPDLightningModule(pl.LightningModule):
         warmup_steps: int = 0,
         lr_decay_steps: int | None = None,
         min_lr_ratio: float = 0.0,
+        component_weight_decay: float | None = None,
         compile: bool = False,
         cpu_threads: int | None = None,
         **flat: Any,
@@ -132,6 +137,8 @@ class SPDLightningModule(pl.LightningModule):
             if isinstance(C, bool) or not isinstance(C, int) or C < 1:
                 raise ValueError(f"target_module_patterns[{pattern!r}]: C must be an int >= 1, got {C!r}")
         check_schedule_args(warmup_steps, lr_decay_steps, min_lr_ratio)
+        if component_weight_decay is not None and not component_weight_decay >= 0:
+            raise ValueError(f"component_weight_decay must be >= 0 (or null), got {component_weight_decay!r}")
         self.component_cfg = _group(ComponentConfig, components)
         self.objective = _group(SPDObjective, objective)
         self.warmup_cfg = _group(FaithfulnessWarmupConfig, faithfulness_warmup)
@@ -286,10 +293,14 @@ class SPDLightningModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         self._total_steps = total_training_steps(self.trainer)  # the run's optimizer steps
-        named = [*self.cm.components.named_parameters(), *self.cm.ci_fns.named_parameters()]
+        named = [
+            *(("components." + n, p) for n, p in self.cm.components.named_parameters()),
+            *(("ci_fns." + n, p) for n, p in self.cm.ci_fns.named_parameters()),
+        ]
+        wd = hp.get("component_weight_decay")  # absent from older checkpoints' hyper-parameters
         return configure_optimizer(
             self, self.optimizer_factory, named, hp.warmup_steps, hp.min_lr_ratio, hp.lr_decay_steps,
-            decay_groups=False,
+            decay_groups=False, group_weight_decay=None if wd is None else {"components.": wd},
         )  # fmt: skip
 
     # ------------------------------------------------------------------ evaluation
