@@ -3,7 +3,7 @@
 A table lives between two marker lines; NAME is a results file's stem (benchmarks/results/NAME.json) whose
 kind (the stem's longest known leading part: gpt_speed, spd_speed, npt_component, npt_component_sweep,
 npt_layer, checkpoint_stall, main_job, tokenize_speed, generate_speed, muon_vs_adamw, npt_experiment,
-spd_toy_suite) has a renderer here:
+spd_toy_suite, spd_alive_detail, spd_reference_speed) has a renderer here:
 
     <!-- results:begin gpt_speed_tiny_cpu -->
     (generated: the table and the line saying what it was measured on)
@@ -243,6 +243,48 @@ def render_spd_speed(payload: Payload) -> list[str]:
         )
     )
     return [head, ""] + _table(header, None, body)
+
+
+SPD_REFERENCE_IMPLS = {
+    "reference": "the reference (goodfire-ai/spd)",
+    "naive": "our naive form",
+    "ours": "ours",
+    "ours_compile": "ours + compile",
+}
+
+
+def render_spd_reference_speed(payload: Payload) -> list[str]:
+    """The tiny-LM SPD step of the reference implementation itself against ours, with the parity checks."""
+    r = payload["results"]
+    ref = r["reference"]
+    header = ["implementation", "step ms (25th-75th percentile)", "reference / it, paired steps"]
+    body = []
+    for impl, label in SPD_REFERENCE_IMPLS.items():
+        row = r["impls"][impl]
+        q25, q50, q75 = row["paired_speedup_quartiles"]
+        paired = "-" if impl == "reference" else f"{q50:.2f}x ({q25:.2f}-{q75:.2f})"
+        body.append([label, f"{row['step_ms']:.0f} ({row['q25_ms']:.0f}-{row['q75_ms']:.0f})", paired])
+    checks = r["checks"]
+    imp = checks["importance_minimality"]
+    terms = ", ".join(
+        f"{k} {checks[k]['ours']:.4g} / {checks[k]['reference']:.4g}"
+        for k in ("stochastic_recon", "stochastic_recon_layerwise")
+    )
+    head = (
+        f"The tiny LM's SPD training step (forward + backward + AdamW) on cpu, {r['threads']} thread(s): "
+        f"median of {r['steps']} steps each, one step of each implementation in turn; the reference is "
+        f"goodfire-ai/spd at `{ref['commit'][:8]}` (Python {ref.get('python') or '?'}) in its own process. "
+        "Paired: the median (25th-75th percentile) of the ratio of each reference step to the step of the "
+        "implementation next to it."
+    )
+    tail = (
+        f"Checked before timing, on the same target, batch and weights: the target's logits "
+        f"(relative difference {checks['target_out_rel_diff']:.1e}) and the importance-minimality term "
+        f"(ours {imp['ours']:.6g}, the reference {imp['reference']:.6g}; relative difference "
+        f"{imp['rel_diff']:.1e}); the stochastic terms draw different masks in the two codes (ours / the "
+        f"reference): {terms}."
+    )
+    return [head, ""] + _table(header, None, body) + ["", tail]
 
 
 NPT_COMPONENT_LABELS = {
@@ -682,6 +724,7 @@ RENDERERS: dict[str, Callable[[Payload], list[str]]] = {
     "main_job": render_main_job,
     "gpt_speed": render_gpt_speed,
     "spd_speed": render_spd_speed,
+    "spd_reference_speed": render_spd_reference_speed,
     "spd_toy_suite": render_spd_toy_suite,
     "spd_alive_detail": render_spd_alive_detail,
     "npt_component": render_npt_component,

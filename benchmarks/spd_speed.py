@@ -87,9 +87,10 @@ def make_step(name: str, impl: str, device: str) -> Callable[[], None]:
             return sum(COEFFS[k] * v for k, v in terms.items())
     else:
         objective = SPDObjective(dict(COEFFS), output_loss_type=loss_type)
-        if impl == "ours_compile":
+        if impl == "ours_compile":  # as SPDLightningModule's compile
             for m in [*cm.ci_fns.values(), *cm.components.values()]:
                 m.compile()
+            cm.compiled_kl = True
         params = [*cm.components.parameters(), *cm.ci_fns.parameters()]
 
         def loss_fn() -> Tensor:

@@ -103,6 +103,34 @@ def test_head_kl_equals_kl_of_the_logits_value_and_gradient(rows, vocab, bias):
         torch.testing.assert_close(L.head_kl_loss(h0, weight, b, target), ref.detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_kl_block_gives_the_eager_values_and_gradients():
+    # the torch.compile'd block (ComponentModel.compiled_kl) against the eager one, fused head and unfused
+    # KL alike; 40 rows of a 2000 vocabulary are one block of one shape for both (one compilation)
+    g = torch.Generator().manual_seed(3)
+    weight, b = torch.randn(2000, 16, generator=g), torch.randn(2000, generator=g)
+    target = L.KLTarget.from_logits(torch.randn(40, 2000, generator=g) * 3)
+    h0 = torch.randn(40, 16, generator=g)
+    compiled = L.compiled_kl_block()
+    assert L.compiled_kl_block() is compiled  # compiled once
+    for loss in (
+        lambda h, block: L.head_kl_loss(h, weight, b, target, block),
+        lambda h, block: L.kl_from_logits(F.linear(h, weight, b), target, block),
+    ):
+        h_eager, h_compiled = h0.clone().requires_grad_(), h0.clone().requires_grad_()
+        eager, fused = loss(h_eager, L.kl_block), loss(h_compiled, compiled)
+        torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
+        eager.backward()
+        fused.backward()
+        torch.testing.assert_close(h_compiled.grad, h_eager.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_kl_from_logits_leaves_the_logits_as_they_were():
+    logits = torch.randn(30, 500) * 2
+    before = logits.clone()
+    L.kl_from_logits(logits, L.KLTarget.from_logits(torch.randn(30, 500)))
+    assert torch.equal(logits, before)
+
+
 def test_head_kl_gradient_keeps_its_precision_when_the_kl_is_small():
     # a target close to the head's own softmax (KL ~1e-6): the float32 path forms the gradient as
     # (exp(z - m) W) / s - pW, whose subtraction cancels; it must stay as close to the unfused gradient

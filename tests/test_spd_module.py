@@ -331,6 +331,7 @@ def test_compiled_ci_functions_and_components_match_eager(tms_target):
     compiled.build()
     compiled.cm.load_state_dict(eager.cm.state_dict())
     compiled.configure_model()
+    assert compiled.cm.compiled_kl and not eager.cm.compiled_kl  # the KL terms' blocks too (LMs)
     x = SparseFeatureDataModule(5, 0.2, batch_size=64).val_dataloader().dataset[0]
     outs = []
     for module in (eager, compiled):

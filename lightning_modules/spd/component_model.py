@@ -227,6 +227,9 @@ class ComponentModel(nn.Module):
         # clean forwards with cache_acts record module outputs for reuse_clean_prefix (memory: one set of
         # the target's activations, held until the next such forward or clear_clean_prefix)
         self.record_clean_prefix = record_clean_prefix
+        # the KL terms' per-block passes fused by torch.compile (losses.compiled_kl_block); set by
+        # SPDLightningModule's `compile`
+        self.compiled_kl = False
         self._clean_prefix: CleanPrefix | None = None
         self._target_weight_cache: dict[str, tuple[tuple[Any, ...], Tensor]] = {}
         self._hook_handles = [

@@ -88,7 +88,8 @@ class SPDLightningModule(pl.LightningModule):
             which also applies to the CI functions). Not in the reference's recipes: with AdamW's
             decoupled decay it shrinks what no loss holds up, such as the input side V of a component
             whose weight V U has gone to ~0 (docs/spd.md, alive detail).
-        compile: torch.compile the CI functions and components (in configure_model).
+        compile: torch.compile the CI functions and components (in configure_model), and the KL terms'
+            per-block passes (losses.compiled_kl_block).
         cpu_threads: torch.set_num_threads on CPU runs (None: leave it); toys run fastest on 1 thread.
         flat: the groups' fields as flat arguments (`ci_fn_type`, `faithfulness_warmup_steps`,
             `lr_final_frac` for min_lr_ratio, ...), as some checkpoints store them: mapped into the groups
@@ -217,6 +218,7 @@ class SPDLightningModule(pl.LightningModule):
         if self.hparams.compile and not self._compiled:
             for module in [*cm.ci_fns.values(), *cm.components.values()]:
                 module.compile()
+            cm.compiled_kl = True
             self._compiled = True
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

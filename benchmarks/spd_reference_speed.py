@@ -1,0 +1,201 @@
+"""SPD's language-model training step: ours against the reference implementation itself (goodfire-ai/spd).
+
+The tiny LM of benchmarks/spd_speed.py (our GPT, 4 layers, 128 wide, vocab 4096, 8 x 64 tokens, 16
+decomposed modules, `shared_mlp` CIs; importance minimality + stochastic + layerwise stochastic
+reconstruction, KL output loss). The reference runs its own code (`ComponentModel`, `compute_total_loss`,
+as in `spd/run_spd.py`) in a worker process (benchmarks/spd_reference_worker.py) under a Python with its
+dependencies, on the same target, batch, V / U and CI-function weights; ours, ours + compile and our
+naive form (tests/helpers/spd_naive.py) run in this process. One step each in turn, the order rotating,
+so a shared machine's load hits all alike; medians, quartiles, and the quartiles of the ratio of each
+reference step to the ours step next to it.
+
+Checked before timing: the reference's clean forward gives the target's logits (the same target), and its
+importance-minimality term on the same weights equals ours (a deterministic term; the stochastic ones
+draw different random masks in the two codes, so their values are only shown).
+
+    python benchmarks/spd_reference_speed.py --reference-path ../spd --reference-python ../spd-venv/bin/python
+
+The reference wants Python 3.13; on 3.11 its worker loads it through a rewriting import hook (see the
+worker). A venv for it: torch (the same build), "transformers<5", jaxtyping, einops, "pydantic<2.12",
+wandb, python-dotenv, scipy, matplotlib, fire, tqdm. Writes benchmarks/results/spd_reference_speed_cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.results import run_metadata, write_results  # noqa: E402
+from benchmarks.spd_speed import make_step, quartiles  # noqa: E402
+from lightning_modules.spd.objective import SPDObjective  # noqa: E402
+from tests.helpers.spd_naive import COEFFS, CONFIGS, build  # noqa: E402
+
+NAME = "tiny_lm"
+IMPLS = ("reference", "naive", "ours", "ours_compile")
+GPT_CONFIG = {"block_size": 256, "vocab_size": 4096, "n_layer": 4, "n_head": 4, "n_embd": 128}
+P = 1.0  # the importance exponent of both (the naive form's)
+
+
+def save_state(path: Path) -> tuple[dict[str, float], float]:
+    """Save what the reference worker rebuilds from (target, batch, V, U, CI weights: those of every
+    make_step model, built from the same seed); return our first-step terms and |target logits| sum."""
+    cm, x, loss_type = build(NAME, "cpu")
+    state: dict[str, Any] = {"target": cm.target_model.state_dict(), "batch": x, "V": {}, "U": {}, "ci": {}}
+    for name in cm.module_names:
+        state["V"][name] = cm.component(name).V.detach().clone()
+        state["U"][name] = cm.component(name).U.detach().clone()
+        linears = [m for m in cm.ci_fn(name).modules() if isinstance(m, nn.Linear)]
+        state["ci"][name] = [(m.weight.detach().clone(), m.bias.detach().clone()) for m in linears]
+    torch.save(state, path)
+    objective = SPDObjective(dict(COEFFS), output_loss_type=loss_type, importance_p=P)
+    terms = {k: v.item() for k, v in objective(cm, x, 0.0).terms.items()}
+    with torch.no_grad():
+        out_sum = float(cm(x).abs().sum())
+    return terms, out_sum
+
+
+class ReferenceWorker:
+    """The reference's step in its own process: step() returns its wall time in ms."""
+
+    def __init__(self, python: str, reference_path: str, state: Path, threads: int) -> None:
+        cfg = CONFIGS[NAME]
+        spec = {"gpt": GPT_CONFIG, "patterns": cfg["patterns"], "ci": cfg["ci"], "hidden": cfg["hidden"],
+                "coeffs": COEFFS, "p": P, "loss": "kl", "threads": threads}  # fmt: skip
+        cmd = [python, str(ROOT / "benchmarks" / "spd_reference_worker.py"), "--reference-path", reference_path,
+               "--state", str(state), "--spec", json.dumps(spec)]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        self.first = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the reference worker ended (exit code {self.proc.wait()})")
+        return json.loads(line)
+
+    def step(self) -> float:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        return float(self._read()["ms"])
+
+    def close(self) -> None:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.flush()
+        self.proc.wait(timeout=60)
+
+
+def rel_diff(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def time_all(reference: ReferenceWorker, steps: int, warmup: int) -> dict[str, list[float]]:
+    """Step times (ms), one step of each implementation in turn, the order rotating."""
+
+    def timed(fn: Any) -> Any:
+        def run() -> float:
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
+
+        return run
+
+    runners = {"reference": reference.step} | {
+        impl: timed(make_step(NAME, impl, "cpu")) for impl in IMPLS[1:]
+    }
+    for _ in range(warmup):
+        for run in runners.values():
+            run()
+    times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+    for i in range(steps):
+        for impl in IMPLS[i % len(IMPLS) :] + IMPLS[: i % len(IMPLS)]:
+            times[impl].append(runners[impl]())
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--reference-path", required=True, help="a checkout of goodfire-ai/spd")
+    parser.add_argument(
+        "--reference-python", required=True, help="a Python with the reference's dependencies"
+    )
+    parser.add_argument("--reference-commit", default=None, help="recorded (default: git rev-parse there)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    commit = (
+        args.reference_commit
+        or subprocess.run(
+            ["git", "-C", args.reference_path, "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+    )
+    meta = run_metadata()
+    with tempfile.TemporaryDirectory() as tmp:
+        state = Path(tmp) / "state.pt"
+        ours_terms, ours_out = save_state(state)
+        reference = ReferenceWorker(args.reference_python, args.reference_path, state, args.threads)
+        try:
+            times = time_all(reference, args.steps, args.warmup)
+        finally:
+            reference.close()
+    ref_terms = reference.first["terms"]
+    checks = {
+        "target_out_rel_diff": rel_diff(reference.first["target_out_abs_sum"], ours_out),
+        "importance_minimality": {
+            "ours": ours_terms["importance_minimality"],
+            "reference": ref_terms["loss/ImportanceMinimalityLoss"],
+        },
+        "stochastic_recon": {
+            "ours": ours_terms["stochastic_recon"],
+            "reference": ref_terms["loss/StochasticReconLoss"],
+        },
+        "stochastic_recon_layerwise": {
+            "ours": ours_terms["stochastic_recon_layerwise"],
+            "reference": ref_terms["loss/StochasticReconLayerwiseLoss"],
+        },
+    }
+    imp = checks["importance_minimality"]
+    imp["rel_diff"] = rel_diff(imp["ours"], imp["reference"])
+    if checks["target_out_rel_diff"] > 1e-5 or imp["rel_diff"] > 1e-4:
+        raise AssertionError(f"the reference and ours disagree where they must not: {checks}")
+    rows: dict[str, Any] = {}
+    for impl in IMPLS:
+        q25, median, q75 = quartiles(times[impl])
+        paired = [r / t for r, t in zip(times["reference"], times[impl])]
+        rows[impl] = {"step_ms": median, "q25_ms": q25, "q75_ms": q75, "steps_ms": times[impl],
+                      "paired_speedup_quartiles": list(quartiles(paired))}  # fmt: skip
+    results = {"config": NAME, "threads": args.threads, "steps": args.steps, "warmup": args.warmup,
+               "reference": {"repo": "goodfire-ai/spd", "commit": commit, "python": reference.first.get("python")},
+               "checks": checks, "impls": rows}  # fmt: skip
+    print(f"\nSPD tiny-LM training step on cpu ({args.threads} thread(s)), median of {args.steps} steps each")
+    print("| implementation | step ms (25th-75th) | reference / it, paired steps |")
+    print("|---|---:|---:|")
+    for impl, r in rows.items():
+        q = r["paired_speedup_quartiles"]
+        print(
+            f"| {impl} | {r['step_ms']:.0f} ({r['q25_ms']:.0f}-{r['q75_ms']:.0f}) | {q[1]:.2f}x ({q[0]:.2f}-{q[2]:.2f}) |"
+        )
+    print(f"checks: {json.dumps(checks)}")
+    write_results("spd_reference_speed_cpu", meta, results, out=args.out)
+
+
+if __name__ == "__main__":
+    main()
