@@ -10,6 +10,7 @@ truth and fails the exact alive count on rare interference; one whose features s
 
     python benchmarks/spd_alive_detail.py                  # every run under lightning_logs/spd_toy_suite
     python benchmarks/spd_alive_detail.py --runs tms_40-10_seed12 --examples 32768
+    python benchmarks/spd_alive_detail.py --runs tms_40-10_seed12 --examples 1048576 --suffix _1M
 
 Writes benchmarks/results/spd_alive_detail.json (merging runs into it); `python -m benchmarks.report`
 renders the table in docs/spd.md.
@@ -132,6 +133,9 @@ def main() -> None:
     )
     parser.add_argument("--data-seed", type=int, default=5)
     parser.add_argument("--threshold", type=float, default=0.1)
+    parser.add_argument(
+        "--suffix", default="", help="appended to each run's row name (e.g. _1M for a larger sample)"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -141,11 +145,12 @@ def main() -> None:
     rows = json.loads(out.read_text())["results"]["runs"] if out.exists() else {}
     for name in names:
         row = alive_detail(args.runs_dir / name, args.examples, args.data_seed, args.threshold)
-        rows[name] = row
+        row["run"] = name + args.suffix
+        rows[row["run"]] = row
         for module, m in row["modules"].items():
             worst = max((e["rate"] for e in m["extra"]), default=0.0)
             print(
-                f"{name} {module}: {m['alive']} alive, {m['features_own']} features' own, "
+                f"{row['run']} {module}: {m['alive']} alive, {m['features_own']} features' own, "
                 f"{len(m['extra'])} others (max firing rate {worst:.1e})"
             )
     write_results(NAME, meta, {"runs": dict(sorted(rows.items()))}, out=out)
