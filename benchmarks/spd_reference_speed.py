@@ -27,7 +27,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import run_metadata, write_results  # noqa: E402
-from benchmarks.spd_speed import make_step, quartiles  # noqa: E402
+from benchmarks.spd_speed import interleave, make_step, quartiles, timed  # noqa: E402
 from lightning_modules.spd.objective import SPDObjective  # noqa: E402
 from tests.helpers.spd_naive import COEFFS, CONFIGS, build  # noqa: E402
 
@@ -100,27 +99,10 @@ def rel_diff(a: float, b: float) -> float:
 
 
 def time_all(reference: ReferenceWorker, steps: int, warmup: int) -> dict[str, list[float]]:
-    """Step times (ms), one step of each implementation in turn, the order rotating."""
-
-    def timed(fn: Any) -> Any:
-        def run() -> float:
-            start = time.perf_counter()
-            fn()
-            return (time.perf_counter() - start) * 1e3
-
-        return run
-
-    runners = {"reference": reference.step} | {
-        impl: timed(make_step(NAME, impl, "cpu")) for impl in IMPLS[1:]
-    }
-    for _ in range(warmup):
-        for run in runners.values():
-            run()
-    times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
-    for i in range(steps):
-        for impl in IMPLS[i % len(IMPLS) :] + IMPLS[: i % len(IMPLS)]:
-            times[impl].append(runners[impl]())
-    return times
+    """Step times (ms), one step of each implementation in turn, the order rotating (spd_speed.interleave)."""
+    runners = {"reference": reference.step}
+    runners |= {impl: timed(make_step(NAME, impl, "cpu")) for impl in IMPLS[1:]}
+    return interleave(runners, steps, warmup)
 
 
 def main() -> None:

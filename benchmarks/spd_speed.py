@@ -141,22 +141,36 @@ def time_one(name: str, impl: str, device: str, steps: int, warmup: int) -> dict
     return {"step_ms": statistics.median(times) * 1e3, "peak_mib": max(0, peak) / 2**20}
 
 
+def timed(step: Callable[[], None]) -> Callable[[], float]:
+    """A step that returns its own wall time in ms."""
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        step()
+        return (time.perf_counter() - t0) * 1e3
+
+    return run
+
+
+def interleave(runners: dict[str, Callable[[], float]], steps: int, warmup: int) -> dict[str, list[float]]:
+    """Step times (ms, as each runner returns them) of every implementation, one step of each in turn
+    (the order rotating), so that changes in the machine's load hit each implementation alike."""
+    names = list(runners)
+    for _ in range(warmup):
+        for run in runners.values():
+            run()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(steps):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            times[name].append(runners[name]())
+    return times
+
+
 def time_interleaved(
     name: str, impls: list[str], device: str, steps: int, warmup: int
 ) -> dict[str, list[float]]:
-    """Step times (ms) of every implementation in one process, alternating step by step (the order
-    rotating), so that changes in the machine's load hit each implementation alike."""
-    step_fns = {impl: make_step(name, impl, device) for impl in impls}
-    for _ in range(warmup):
-        for fn in step_fns.values():
-            fn()
-    times: dict[str, list[float]] = {impl: [] for impl in impls}
-    for i in range(steps):
-        for impl in impls[i % len(impls) :] + impls[: i % len(impls)]:
-            t0 = time.perf_counter()
-            step_fns[impl]()
-            times[impl].append((time.perf_counter() - t0) * 1e3)
-    return times
+    """Step times (ms) of every implementation in one process, alternating step by step (interleave)."""
+    return interleave({impl: timed(make_step(name, impl, device)) for impl in impls}, steps, warmup)
 
 
 def quartiles(xs: list[float]) -> tuple[float, float, float]:
