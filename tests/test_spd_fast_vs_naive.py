@@ -158,6 +158,13 @@ def test_clean_prefix_never_reuses_what_it_cannot_trust():
         assert cm._prefix_plan((other,), {}, ["c"]) is None
         x.add_(0.0)  # modified in place since the clean forward: nothing is reused
         assert cm._prefix_plan((x,), {}, ["c"]) is None
+        cm(x, cache_acts=True)
+        assert cm._prefix_plan((x,), {}, ["c"]) is not None
+        cm.target_model.b.weight.add_(0.0)  # a target weight modified in place: nothing is reused
+        assert cm._prefix_plan((x,), {}, ["c"]) is None
+        cm(x, cache_acts=True)
+        cm.target_model.b.weight = torch.nn.Parameter(cm.target_model.b.weight.clone(), requires_grad=False)
+        assert cm._prefix_plan((x,), {}, ["c"]) is None  # a target weight replaced: nothing is reused
         with pytest.raises(ValueError, match="no mask"):  # not taken for a recording clean forward
             cm(x, cache_acts=True, weight_deltas_and_masks=deltas)
 

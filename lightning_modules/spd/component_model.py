@@ -206,6 +206,9 @@ class ComponentModel(nn.Module):
         self.components = nn.ModuleDict()
         self.ci_fns = nn.ModuleDict()
         self._modules_by_name: dict[str, nn.Module] = {}
+        # every module of the target, listed once: _prefix_key reads their tensors on each masked forward,
+        # and walking the module tree there (parameters(), buffers()) cost ~1% of the tiny-LM step
+        self._target_tree: list[nn.Module] = list(target_model.modules())
         for name, C in self.module_to_c.items():
             module = target_model.get_submodule(name)
             self._modules_by_name[name] = module
@@ -384,7 +387,9 @@ class ComponentModel(nn.Module):
         inputs = (*args, *kwargs.values())
         target = tuple(
             (t.data_ptr(), t._version)
-            for t in (*self.target_model.parameters(), *self.target_model.buffers())
+            for m in self._target_tree
+            for t in (*m._parameters.values(), *m._buffers.values())
+            if t is not None
         )
         return inputs, (tuple(kwargs), tuple(_versions(a) for a in inputs), target)
 
