@@ -9,6 +9,12 @@ naive form (tests/helpers/spd_naive.py) run in this process. One step each in tu
 so a shared machine's load hits all alike; medians, quartiles, and the quartiles of the ratio of each
 reference step to the ours step next to it.
 
+Beside the times: each implementation's arithmetic per step (torch's FlopCounterMode: matmuls and
+attention, elementwise work not counted), the rate it reaches (GFLOP / median step), and, measured in the
+same run, the rate of a float32 matmul alone on this core at the step's largest shape (the output head's,
+tokens x width x vocab) and at 1024 x 1024 x 1024: how far each implementation is from what the core's
+matmuls can do at all, and so what a given speed-up over the reference would need.
+
 Checked before timing: the reference's clean forward gives the target's logits (the same target), and its
 importance-minimality term on the same weights equals ours (a deterministic term; the stochastic ones
 draw different random masks in the two codes, so their values are only shown).
@@ -24,9 +30,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import run_metadata, write_results  # noqa: E402
-from benchmarks.spd_speed import interleave, make_step, quartiles, timed  # noqa: E402
+from benchmarks.spd_speed import count_gflop, interleave, make_step, quartiles, timed  # noqa: E402
 from lightning_modules.spd.objective import SPDObjective  # noqa: E402
 from tests.helpers.spd_naive import COEFFS, CONFIGS, build  # noqa: E402
 
@@ -88,6 +96,12 @@ class ReferenceWorker:
         self.proc.stdin.flush()
         return float(self._read()["ms"])
 
+    def gflop(self) -> float:
+        """One step's matmul / attention GFLOP (FlopCounterMode in the worker)."""
+        self.proc.stdin.write("flops\n")
+        self.proc.stdin.flush()
+        return float(self._read()["gflop"])
+
     def close(self) -> None:
         self.proc.stdin.write("quit\n")
         self.proc.stdin.flush()
@@ -96,6 +110,19 @@ class ReferenceWorker:
 
 def rel_diff(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
+
+
+def matmul_gflop_s(m: int, k: int, n: int, repeats: int = 30) -> float:
+    """The median rate (GFLOP/s) of a float32 (m, k) @ (k, n) matmul alone on this process's threads."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * m * k * n / statistics.median(times) / 1e9
 
 
 def time_all(reference: ReferenceWorker, steps: int, warmup: int) -> dict[str, list[float]]:
@@ -136,6 +163,7 @@ def main() -> None:
         reference = ReferenceWorker(args.reference_python, args.reference_path, state, args.threads)
         try:
             times = time_all(reference, args.steps, args.warmup)
+            gflop = {"reference": reference.gflop()}
         finally:
             reference.close()
     ref_terms = reference.first["terms"]
@@ -158,23 +186,33 @@ def main() -> None:
     imp["rel_diff"] = rel_diff(imp["ours"], imp["reference"])
     if checks["target_out_rel_diff"] > 1e-5 or imp["rel_diff"] > 1e-4:
         raise AssertionError(f"the reference and ours disagree where they must not: {checks}")
+    # ours + compile does ours' arithmetic (compiled graphs are not counted by FlopCounterMode)
+    gflop |= {impl: count_gflop(NAME, impl, "cpu") for impl in ("naive", "ours")}
+    gflop["ours_compile"] = gflop["ours"]
+    tokens = CONFIGS[NAME]["batch"] * CONFIGS[NAME]["seq"]
+    matmul = {"head_shape": [tokens, GPT_CONFIG["n_embd"], GPT_CONFIG["vocab_size"]],
+              "head_gflop_s": matmul_gflop_s(tokens, GPT_CONFIG["n_embd"], GPT_CONFIG["vocab_size"]),
+              "square_1024_gflop_s": matmul_gflop_s(1024, 1024, 1024)}  # fmt: skip
     rows: dict[str, Any] = {}
     for impl in IMPLS:
         q25, median, q75 = quartiles(times[impl])
         paired = [r / t for r, t in zip(times["reference"], times[impl])]
         rows[impl] = {"step_ms": median, "q25_ms": q25, "q75_ms": q75, "steps_ms": times[impl],
-                      "paired_speedup_quartiles": list(quartiles(paired))}  # fmt: skip
+                      "paired_speedup_quartiles": list(quartiles(paired)), "gflop": gflop[impl],
+                      "gflop_s": gflop[impl] / (median / 1e3)}  # fmt: skip
     results = {"config": NAME, "threads": args.threads, "steps": args.steps, "warmup": args.warmup,
                "reference": {"repo": "goodfire-ai/spd", "commit": commit, "python": reference.first.get("python")},
-               "checks": checks, "impls": rows}  # fmt: skip
+               "checks": checks, "impls": rows, "matmul": matmul}  # fmt: skip
     print(f"\nSPD tiny-LM training step on cpu ({args.threads} thread(s)), median of {args.steps} steps each")
-    print("| implementation | step ms (25th-75th) | reference / it, paired steps |")
-    print("|---|---:|---:|")
+    print("| implementation | step ms (25th-75th) | reference / it, paired steps | GFLOP | GFLOP/s |")
+    print("|---|---:|---:|---:|---:|")
     for impl, r in rows.items():
         q = r["paired_speedup_quartiles"]
         print(
-            f"| {impl} | {r['step_ms']:.0f} ({r['q25_ms']:.0f}-{r['q75_ms']:.0f}) | {q[1]:.2f}x ({q[0]:.2f}-{q[2]:.2f}) |"
+            f"| {impl} | {r['step_ms']:.0f} ({r['q25_ms']:.0f}-{r['q75_ms']:.0f}) | {q[1]:.2f}x ({q[0]:.2f}-{q[2]:.2f})"
+            f" | {r['gflop']:.1f} | {r['gflop_s']:.0f} |"
         )
+    print(f"matmul alone: {matmul}")
     print(f"checks: {json.dumps(checks)}")
     write_results("spd_reference_speed_cpu", meta, results, out=args.out)
 

@@ -9,7 +9,8 @@ loss terms, backward, AdamW (as `spd/run_spd.py`'s `optimize` does it).
 
 Protocol (stdin / stdout, one JSON object per line): after building, the worker prints
 {"ready": ..., "terms": the first step's loss terms, "target_out_abs_sum": ...}; then each line "step"
-runs one step and answers {"ms": its wall time}; "quit" ends it.
+runs one step and answers {"ms": its wall time}; "flops" runs one step under torch's FlopCounterMode and
+answers {"gflop": its matmul / attention GFLOP}; "quit" ends it.
 
 The reference needs Python 3.13. On an older Python (3.11 here) the worker imports it through a loader
 that rewrites PEP 695 type-parameter lists (`def f[T](...)`, `class C[T]:`) into module-level TypeVars
@@ -215,6 +216,13 @@ def main() -> None:
         command = line.strip()
         if command == "quit":
             break
+        if command == "flops":
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as counter:
+                step()
+            print(json.dumps({"gflop": counter.get_total_flops() / 1e9}), flush=True)
+            continue
         start = time.perf_counter()
         step()
         print(json.dumps({"ms": (time.perf_counter() - start) * 1e3}), flush=True)
