@@ -257,16 +257,15 @@ def render_spd_reference_speed(payload: Payload) -> list[str]:
     """The tiny-LM SPD step of the reference implementation itself against ours, with the parity checks."""
     r = payload["results"]
     ref = r["reference"]
-    header = ["implementation", "step ms (25th-75th percentile)", "reference / it, paired steps"]
-    counted = "matmul" in r  # runs before the FLOP accounting have no GFLOP columns
-    header += ["GFLOP (matmul, attention)", "GFLOP/s"] if counted else []
+    header = ["implementation", "step ms (25th-75th percentile)", "reference / it, paired steps",
+              "GFLOP (matmul, attention)", "GFLOP/s"]  # fmt: skip
     body = []
     for impl, label in SPD_REFERENCE_IMPLS.items():
         row = r["impls"][impl]
         q25, q50, q75 = row["paired_speedup_quartiles"]
         paired = "-" if impl == "reference" else f"{q50:.2f}x ({q25:.2f}-{q75:.2f})"
-        body.append([label, f"{row['step_ms']:.0f} ({row['q25_ms']:.0f}-{row['q75_ms']:.0f})", paired])
-        body[-1] += [f"{row['gflop']:.1f}", f"{row['gflop_s']:.0f}"] if counted else []
+        times = f"{row['step_ms']:.0f} ({row['q25_ms']:.0f}-{row['q75_ms']:.0f})"
+        body.append([label, times, paired, f"{row['gflop']:.1f}", f"{row['gflop_s']:.0f}"])
     checks = r["checks"]
     imp = checks["importance_minimality"]
     terms = ", ".join(
@@ -287,15 +286,14 @@ def render_spd_reference_speed(payload: Payload) -> list[str]:
         f"{imp['rel_diff']:.1e}); the stochastic terms draw different masks in the two codes (ours / the "
         f"reference): {terms}."
     )
-    if counted:
-        m = r["matmul"]
-        tokens, width, vocab = m["head_shape"]
-        tail += (
-            f" GFLOP: one step's matmul and attention arithmetic (torch's FlopCounterMode; elementwise work "
-            f"is not counted; ours + compile does ours'). A float32 matmul alone, in the same run: "
-            f"{m['head_gflop_s']:.0f} GFLOP/s at the output head's shape ({tokens} x {width} x {vocab}), "
-            f"{m['square_1024_gflop_s']:.0f} GFLOP/s at 1024 x 1024 x 1024."
-        )
+    m = r["matmul"]
+    tokens, width, vocab = m["head_shape"]
+    tail += (
+        f" GFLOP: one step's matmul and attention arithmetic (torch's FlopCounterMode; elementwise work "
+        f"is not counted; ours + compile does ours'). A float32 matmul alone, in the same run: "
+        f"{m['head_gflop_s']:.0f} GFLOP/s at the output head's shape ({tokens} x {width} x {vocab}), "
+        f"{m['square_1024_gflop_s']:.0f} GFLOP/s at 1024 x 1024 x 1024."
+    )
     return [head, ""] + _table(header, None, body) + ["", tail]
 
 

@@ -34,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -115,14 +114,9 @@ def rel_diff(a: float, b: float) -> float:
 def matmul_gflop_s(m: int, k: int, n: int, repeats: int = 30) -> float:
     """The median rate (GFLOP/s) of a float32 (m, k) @ (k, n) matmul alone on this process's threads."""
     a, b = torch.randn(m, k), torch.randn(k, n)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return 2 * m * k * n / statistics.median(times) / 1e9
+    run = timed(lambda: a @ b)
+    times_ms = [run() for _ in range(3 + repeats)][3:]  # 3 warm-up calls
+    return 2 * m * k * n / (statistics.median(times_ms) / 1e3) / 1e9
 
 
 def time_all(reference: ReferenceWorker, steps: int, warmup: int) -> dict[str, list[float]]:

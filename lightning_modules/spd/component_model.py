@@ -206,8 +206,9 @@ class ComponentModel(nn.Module):
         self.components = nn.ModuleDict()
         self.ci_fns = nn.ModuleDict()
         self._modules_by_name: dict[str, nn.Module] = {}
-        # every module of the target, listed once: _prefix_key reads their tensors on each masked forward,
-        # and walking the module tree there (parameters(), buffers()) cost ~1% of the tiny-LM step
+        # every module of the target, listed once (the target's structure is fixed from here on): _prefix_key
+        # reads their tensors on each masked forward, where walking the module tree (parameters(), buffers())
+        # took ~13% of a Python-bound tiny-LM step (2 tokens, cProfile); at 512 tokens it is not measurable
         self._target_tree: list[nn.Module] = list(target_model.modules())
         for name, C in self.module_to_c.items():
             module = target_model.get_submodule(name)
