@@ -730,12 +730,31 @@ def render_spd_alive_detail(payload: Payload) -> list[str]:
     return [head, ""] + _table(header, None, body)
 
 
+def render_spd_run_progress(payload: Payload) -> list[str]:
+    """Runs stopped before their end (benchmarks/spd_run_progress.py): steps reached, step time, and each
+    mlp_in's alive components at every 5000th step and the last validation."""
+    runs = payload["results"]["runs"]
+    modules = sorted({m for run in runs for m in run["alive_components"] if m.endswith("mlp_in")})
+    header = ["run", "steps reached", "median step", *[f"`{m}` alive (step: count)" for m in modules]]
+    body = []
+    for run in runs:
+        cells = [run["run"], f"{run['last_step']:,}", f"{run['median_step_ms']:.1f} ms"]
+        for m in modules:
+            points = run["alive_components"].get(m, [])
+            shown = [p for i, p in enumerate(points) if p[0] % 5000 == 0 or i == len(points) - 1]
+            cells.append(", ".join(f"{step // 1000}k: {count:g}" for step, count in shown) or "-")
+        body.append(cells)
+    note = payload["meta"].get("note")
+    return [*_table(header, None, body), *(["", f"The runs: {note}."] if note else [])]
+
+
 RENDERERS: dict[str, Callable[[Payload], list[str]]] = {
     "main_job": render_main_job,
     "gpt_speed": render_gpt_speed,
     "spd_speed": render_spd_speed,
     "spd_reference_speed": render_spd_reference_speed,
     "spd_toy_suite": render_spd_toy_suite,
+    "spd_run_progress": render_spd_run_progress,
     "spd_alive_detail": render_spd_alive_detail,
     "npt_component": render_npt_component,
     "npt_component_sweep": render_npt_component_sweep,

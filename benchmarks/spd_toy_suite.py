@@ -18,6 +18,9 @@ seconds per step, to estimate a full run. `--accelerator gpu` runs the targets a
 (`--jobs N` then shares one GPU between N runs; the accelerator is recorded per row):
 
     python benchmarks/spd_toy_suite.py --suite resid_mlp2 --seeds 10-14 --jobs 5 --accelerator gpu
+
+`--target-only` trains the target alone (a relative --work keeps the saved path valid on another machine:
+benchmarks/spd_toy_gpu.sh reuses targets trained on a CPU); `--figures end` skips the per-validation figures.
 """
 
 from __future__ import annotations
@@ -208,18 +211,29 @@ def config_steps(suite: str) -> int:
 
 
 def decompose(
-    suite: str, seed: int, target: dict[str, Any], work: Path, machine: Machine, max_steps: int | None
+    suite: str,
+    seed: int,
+    target: dict[str, Any],
+    work: Path,
+    machine: Machine,
+    max_steps: int | None,
+    figures: str | None = None,
 ) -> dict[str, Any]:
-    """One decomposition seed: train.py fit, then its results, margins and verdict as a results row."""
+    """One decomposition seed: train.py fit, then its results, margins and verdict as a results row.
+    figures overrides evaluation.figures (logging only: "end" skips the per-validation figures)."""
     root = work / "runs" / f"{suite}_seed{seed}"
     args = [*config_args(suite), "--seed_everything", str(seed),
             "--model.init_args.target", target["path"], "--trainer.default_root_dir", str(root)]  # fmt: skip
     if max_steps is not None:
         args += ["--trainer.max_steps", str(max_steps)]
+    if figures is not None:
+        args += ["--model.init_args.evaluation.figures", figures]
     rc, wall = run_train(args, work / f"{suite}_seed{seed}.log", machine)
     steps = config_steps(suite) if max_steps is None else max_steps
     row: dict[str, Any] = {"suite": suite, "seed": seed, "steps": steps, "wall_s": round(wall, 1),
                            "accelerator": machine.accelerator}  # fmt: skip
+    if figures is not None:
+        row["figures"] = figures
     if rc != 0:
         return {**row, "ran": False, "passed": False, "failures": [f"train.py exited {rc}"]}
     directory = run_dir(root)
@@ -271,20 +285,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--target-max-steps", type=int, default=None, help="shorten the target (with --time-steps only)"
     )
+    parser.add_argument(
+        "--target-only", action="store_true", help="train (or find) the suite's target in --work and stop"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="decompositions at once (1 thread each)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per run")
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument(
+        "--figures",
+        default=None,
+        choices=["all", "end", "off"],
+        help="evaluation.figures (default: the config's)",
+    )
     parser.add_argument("--work", type=Path, default=ROOT / "lightning_logs" / "spd_toy_suite")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"{RESULTS_NAME}.json")
     args = parser.parse_args(argv)
-    if args.seeds is None and args.time_steps is None:
-        parser.error("give --seeds or --time-steps")
+    if args.seeds is None and args.time_steps is None and not args.target_only:
+        parser.error("give --seeds, --time-steps or --target-only")
     if args.target_max_steps is not None and args.seeds:
         parser.error("--target-max-steps is for --time-steps only: decompositions need the shipped target")
     meta = run_metadata()
     machine = Machine(args.threads, args.accelerator)
     args.work.mkdir(parents=True, exist_ok=True)
     target = ensure_target(base_suite(args.suite), args.work, machine, args.target_max_steps)
+    if args.target_only:
+        print(f"target: {target['path']} {json.dumps(target['checks'])}")
+        return 0
     new_rows: list[dict[str, Any]] = []
     timing = None
     if args.time_steps is not None:
@@ -293,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             futures = [
-                pool.submit(decompose, args.suite, s, target, args.work, machine, args.max_steps)
+                pool.submit(
+                    decompose, args.suite, s, target, args.work, machine, args.max_steps, args.figures
+                )
                 for s in args.seeds
             ]
             new_rows = [f.result() for f in futures]

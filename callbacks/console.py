@@ -186,8 +186,8 @@ class RunReport(pl.Callback):
         self.rate.restart()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # teardown, not on_fit_end: modules write their result files in their own on_fit_end, which runs
-        # after the callbacks' on_fit_end.
+        # teardown, not on_train_end: modules write their result files in their own on_train_end, which
+        # runs after the callbacks' on_train_end.
         if not self.enabled or stage != "fit" or not trainer.is_global_zero:
             return
         self.lines = self.summary(trainer)

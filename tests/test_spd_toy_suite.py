@@ -112,3 +112,36 @@ def test_run_train_puts_the_shipped_config_on_the_chosen_machine(accelerator, tm
     assert cmd[cmd.index("--trainer.accelerator") + 1] == accelerator
     assert cmd.index("--trainer.accelerator") > cmd.index("--config")
     assert seen["env"]["OMP_NUM_THREADS"] == "3"
+
+
+@pytest.mark.parametrize("figures", [None, "end"])
+def test_decompose_overrides_figures_only_when_asked(figures, tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run_train(args, log, machine):
+        seen["args"] = args
+        return 1, 0.5  # a failed run: decompose returns its row without reading results
+
+    monkeypatch.setattr(spd_toy_suite, "run_train", fake_run_train)
+    row = spd_toy_suite.decompose("tms_5-2", 3, {"path": "t.pt"}, tmp_path, Machine(), None, figures)
+    args = seen["args"]
+    if figures is None:
+        assert "--model.init_args.evaluation.figures" not in args and "figures" not in row
+    else:
+        assert args[args.index("--model.init_args.evaluation.figures") + 1] == "end"
+        assert row["figures"] == "end"
+    assert row["ran"] is False and row["failures"] == ["train.py exited 1"]
+
+
+def test_target_only_trains_the_target_and_writes_no_results(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_ensure_target(suite, work, machine, max_steps=None):
+        calls.append((suite, work))
+        return {"path": str(work / "targets" / f"{suite}.pt"), "checks": {"mse": 0.1}}
+
+    monkeypatch.setattr(spd_toy_suite, "ensure_target", fake_ensure_target)
+    out = tmp_path / "results.json"
+    argv = ["--suite", "tms_40-10_anneal", "--target-only", "--work", str(tmp_path), "--out", str(out)]
+    assert spd_toy_suite.main(argv) == 0
+    assert calls == [("tms_40-10", tmp_path)] and not out.exists()

@@ -456,8 +456,11 @@ class NPTLightningModule(pl.LightningModule):
             "history": {k: [[s, v] for s, v in pts] for k, pts in self.val_history.items()},
         }
 
-    def on_fit_end(self) -> None:
+    def on_train_end(self) -> None:
         """Write npt_results.json: a fresh free-running evaluation on up to final_eval_batches val batches.
+
+        on_train_end, not on_fit_end: the strategy's teardown, which moves the module to the CPU, runs
+        between the two, so on a GPU on_fit_end would meet a CPU module with CUDA batches.
 
         Every rank evaluates (the same batches: the loader here has no distributed sampler), since the
         metrics' compute and run_dir are collectives under DDP; rank 0 writes the files."""

@@ -344,8 +344,11 @@ class SPDLightningModule(pl.LightningModule):
             metrics.update({f"{k}/{name}": v for name, s in stats.items() for k, v in s.items()})
         return metrics, mats
 
-    def on_fit_end(self) -> None:
-        """Write spd_results.json: a fresh evaluation on up to evaluation.final_eval_batches val batches."""
+    def on_train_end(self) -> None:
+        """Write spd_results.json: a fresh evaluation on up to evaluation.final_eval_batches val batches.
+
+        on_train_end, not on_fit_end: the strategy's teardown, which moves the module to the CPU, runs
+        between the two, so on a GPU on_fit_end met a CPU module with CUDA batches (seen on an H200)."""
         if self.global_rank != 0:  # no collective below: trainer.log_dir would broadcast and hang under DDP
             return
         datamodule = getattr(self.trainer, "datamodule", None)

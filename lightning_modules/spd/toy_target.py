@@ -121,7 +121,8 @@ class ToyTargetLightningModule(pl.LightningModule):
         finally:
             self.model.train(was_training)
 
-    def on_fit_end(self) -> None:
+    def on_train_end(self) -> None:
+        # not on_fit_end: the strategy's teardown (module to CPU) runs before it; evaluate where it trained
         feature_prob = getattr(getattr(self.trainer, "datamodule", None), "feature_prob", 0.05)
         self.checks = self.evaluate(feature_prob)
         self._save()
