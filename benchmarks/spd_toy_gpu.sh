@@ -10,7 +10,9 @@
 #    times the 3-layer recipe's step on the same GPU (--time-steps, on $WORK/targets/resid_mlp3.pt or a new one).
 # 3. Writes the suites' results JSON, nvidia-smi's view and the runs' logs and metrics (no checkpoints) to $OUT.
 #
-# Both suites stop at BUDGET seconds; a suite stopped early writes no JSON, but its logs still come back.
+# Both suites stop at BUDGET seconds; a suite stopped early writes no JSON, but its logs still come back, and
+# a second call on the same (still warm) machine continues its runs: --resume keeps the finished ones and
+# continues the others from their last checkpoint (every 1000 steps).
 set -u
 OUT=${OUT:-/tmp/spd_gpu}
 BUDGET=${BUDGET:-540}
@@ -34,7 +36,7 @@ nproc >"$OUT/nproc.txt"
 
 left() { echo $((BUDGET - ($(date +%s) - start))); }
 
-timeout "$(left)" python3 benchmarks/spd_toy_suite.py --suite resid_mlp2 --seeds "$SEEDS" --jobs 5 --figures end \
+timeout "$(left)" python3 benchmarks/spd_toy_suite.py --suite resid_mlp2 --seeds "$SEEDS" --jobs 5 --figures end --resume \
     --accelerator "$ACCEL" --work "$WORK" --out "$OUT/spd_toy_suite_gpu.json" $EXTRA >"$OUT/suite_resid_mlp2.log" 2>&1 &
 two=$!
 timeout "$(left)" python3 benchmarks/spd_toy_suite.py --suite resid_mlp3 --time-steps "$TIME_STEPS" \

@@ -20,7 +20,9 @@ seconds per step, to estimate a full run. `--accelerator gpu` runs the targets a
     python benchmarks/spd_toy_suite.py --suite resid_mlp2 --seeds 10-14 --jobs 5 --accelerator gpu
 
 `--target-only` trains the target alone (a relative --work keeps the saved path valid on another machine:
-benchmarks/spd_toy_gpu.sh reuses targets trained on a CPU); `--figures end` skips the per-validation figures.
+benchmarks/spd_toy_gpu.sh reuses targets trained on a CPU); `--figures end` skips the per-validation figures;
+`--resume` keeps the runs in --work that finished and continues those that stopped from their last.ckpt
+(a second device call after a first one ran out of time).
 """
 
 from __future__ import annotations
@@ -115,14 +117,15 @@ class Machine:
         return ["--trainer.accelerator", self.accelerator, "--trainer.devices", "1"]
 
 
-def run_train(args: list[str], log: Path, machine: Machine) -> tuple[int, float]:
-    """`python train.py fit ARGS` on `machine` with its output in `log`; (return code, wall seconds)."""
+def run_train(args: list[str], log: Path, machine: Machine, append: bool = False) -> tuple[int, float]:
+    """`python train.py fit ARGS` on `machine` with its output in `log` (appended to it when `append`);
+    (return code, wall seconds)."""
     threads = str(machine.threads)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     cmd = [sys.executable, str(ROOT / "train.py"), "fit", *args, *machine.trainer_args(),
            "--trainer.enable_progress_bar", "false"]  # fmt: skip
     start = time.perf_counter()
-    with log.open("w") as out:
+    with log.open("a" if append else "w") as out:
         done = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
     return done.returncode, time.perf_counter() - start
 
@@ -210,6 +213,25 @@ def config_steps(suite: str) -> int:
     return int(steps)
 
 
+def unfinished_checkpoint(root: Path) -> Path | None:
+    """The last.ckpt of an earlier run under root that stopped before writing spd_results.json, else None."""
+    try:
+        directory = run_dir(root)
+    except FileNotFoundError:
+        return None
+    last = directory / "checkpoints" / "last.ckpt"
+    if (directory / "spd_results.json").is_file() or not last.exists():
+        return None
+    return last
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    """The optimizer steps a Lightning checkpoint holds (mapped, not read whole)."""
+    import torch
+
+    return int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+
+
 def decompose(
     suite: str,
     seed: int,
@@ -218,22 +240,36 @@ def decompose(
     machine: Machine,
     max_steps: int | None,
     figures: str | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """One decomposition seed: train.py fit, then its results, margins and verdict as a results row.
-    figures overrides evaluation.figures (logging only: "end" skips the per-validation figures)."""
+    figures overrides evaluation.figures (logging only: "end" skips the per-validation figures). resume
+    keeps a finished run's row (saved beside its run) and continues a stopped one from its last.ckpt (a
+    time-limited device call, say); the row's wall_s then counts this call's part alone."""
     root = work / "runs" / f"{suite}_seed{seed}"
+    saved_row = root / "suite_row.json"
+    if resume and saved_row.is_file():
+        row = json.loads(saved_row.read_text())
+        print(f"{suite} seed {seed}: kept the finished run's row")
+        return row
+    resume_from = unfinished_checkpoint(root) if resume else None
+    resumed_step = None if resume_from is None else checkpoint_step(resume_from)
     args = [*config_args(suite), "--seed_everything", str(seed),
             "--model.init_args.target", target["path"], "--trainer.default_root_dir", str(root)]  # fmt: skip
     if max_steps is not None:
         args += ["--trainer.max_steps", str(max_steps)]
     if figures is not None:
         args += ["--model.init_args.evaluation.figures", figures]
-    rc, wall = run_train(args, work / f"{suite}_seed{seed}.log", machine)
+    if resume_from is not None:
+        args += ["--ckpt_path", str(resume_from)]
+    rc, wall = run_train(args, work / f"{suite}_seed{seed}.log", machine, append=resume_from is not None)
     steps = config_steps(suite) if max_steps is None else max_steps
     row: dict[str, Any] = {"suite": suite, "seed": seed, "steps": steps, "wall_s": round(wall, 1),
                            "accelerator": machine.accelerator}  # fmt: skip
     if figures is not None:
         row["figures"] = figures
+    if resumed_step is not None:
+        row["resumed_from_step"] = resumed_step
     if rc != 0:
         return {**row, "ran": False, "passed": False, "failures": [f"train.py exited {rc}"]}
     directory = run_dir(root)
@@ -241,8 +277,10 @@ def decompose(
     passed, failures = judge(suite, results, wall)
     margins = ci_margins(directory / "checkpoints" / "last.ckpt")
     print(f"{suite} seed {seed}: {'pass' if passed else 'FAIL ' + '; '.join(failures)} ({wall:.0f} s)")
-    return {**row, "ran": True, "passed": passed, "failures": failures, "modules": results["modules"],
-            "metrics": results["metrics"], "ci_margins": margins}  # fmt: skip
+    row = {**row, "ran": True, "passed": passed, "failures": failures, "modules": results["modules"],
+           "metrics": results["metrics"], "ci_margins": margins}  # fmt: skip
+    saved_row.write_text(json.dumps(row, indent=2))  # for a later --resume, which keeps it
+    return row
 
 
 def time_steps(
@@ -292,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per run")
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep finished runs in --work and continue stopped ones from their last.ckpt",
+    )
+    parser.add_argument(
         "--figures",
         default=None,
         choices=["all", "end", "off"],
@@ -320,7 +363,15 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             futures = [
                 pool.submit(
-                    decompose, args.suite, s, target, args.work, machine, args.max_steps, args.figures
+                    decompose,
+                    args.suite,
+                    s,
+                    target,
+                    args.work,
+                    machine,
+                    args.max_steps,
+                    args.figures,
+                    args.resume,
                 )
                 for s in args.seeds
             ]

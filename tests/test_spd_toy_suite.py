@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from benchmarks import spd_toy_suite
@@ -118,7 +120,7 @@ def test_run_train_puts_the_shipped_config_on_the_chosen_machine(accelerator, tm
 def test_decompose_overrides_figures_only_when_asked(figures, tmp_path, monkeypatch):
     seen = {}
 
-    def fake_run_train(args, log, machine):
+    def fake_run_train(args, log, machine, append=False):
         seen["args"] = args
         return 1, 0.5  # a failed run: decompose returns its row without reading results
 
@@ -145,3 +147,36 @@ def test_target_only_trains_the_target_and_writes_no_results(tmp_path, monkeypat
     argv = ["--suite", "tms_40-10_anneal", "--target-only", "--work", str(tmp_path), "--out", str(out)]
     assert spd_toy_suite.main(argv) == 0
     assert calls == [("tms_40-10", tmp_path)] and not out.exists()
+
+
+def test_resume_continues_a_stopped_run_and_keeps_a_finished_one(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run_train(args, log, machine, append=False):
+        calls.append((args, append))
+        return 1, 2.0  # failed: decompose returns before reading results
+
+    monkeypatch.setattr(spd_toy_suite, "run_train", fake_run_train)
+    run = tmp_path / "runs" / "tms_5-2_seed3" / "lightning_logs" / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"global_step": 1000}, run / "checkpoints" / "last.ckpt")
+
+    def decompose(resume: bool) -> dict:
+        return spd_toy_suite.decompose(
+            "tms_5-2", 3, {"path": "t.pt"}, tmp_path, Machine(), None, resume=resume
+        )
+
+    assert "resumed_from_step" not in decompose(resume=False)  # without --resume: a fresh run
+    assert "--ckpt_path" not in calls[-1][0] and calls[-1][1] is False
+    row = decompose(resume=True)  # stopped (no spd_results.json): continued from last.ckpt, log appended
+    args, append = calls[-1]
+    assert args[args.index("--ckpt_path") + 1] == str(run / "checkpoints" / "last.ckpt") and append
+    assert row["resumed_from_step"] == 1000
+
+    (run / "spd_results.json").write_text("{}")  # finished: nothing to continue
+    decompose(resume=True)
+    assert "--ckpt_path" not in calls[-1][0]
+    saved = {"suite": "tms_5-2", "seed": 3, "ran": True, "passed": True}
+    (run.parents[1] / "suite_row.json").write_text(json.dumps(saved))  # its row saved: kept, not rerun
+    n = len(calls)
+    assert decompose(resume=True) == saved and len(calls) == n
