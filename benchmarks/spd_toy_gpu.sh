@@ -5,10 +5,11 @@
 #
 # 1. Offline installs what the GPU image lacks for train.py (jsonargparse and its two dependencies) from the
 #    wheels benchmarks/prepare_gpu_wheels.py puts in data_cache/gpu_wheels.
-# 2. Runs the 2-layer ResidMLP at the reference's sizes on seeds 10-14, five at once on the one GPU (the
+# 2. Runs one 20-step decomposition through the whole pipeline (exit 5 when it fails, before the lease is spent).
+# 3. Runs the 2-layer ResidMLP at the reference's sizes on seeds 10-14, five at once on the one GPU (the
 #    target is reused from $WORK/targets when it is there, e.g. trained on a CPU beforehand), and beside it
 #    times the 3-layer recipe's step on the same GPU (--time-steps, on $WORK/targets/resid_mlp3.pt or a new one).
-# 3. Writes the suites' results JSON, nvidia-smi's view and the runs' logs and metrics (no checkpoints) to $OUT.
+# 4. Writes the suites' results JSON, nvidia-smi's view and the runs' logs and metrics (no checkpoints) to $OUT.
 #
 # Both suites stop at BUDGET seconds; a suite stopped early writes no JSON, but its logs still come back, and
 # a second call on the same (still warm) machine continues its runs: --resume keeps the finished ones and
@@ -35,6 +36,17 @@ python3 -c "import jsonargparse, train, lightning_modules.spd" || exit 4
 nproc >"$OUT/nproc.txt"
 
 left() { echo $((BUDGET - ($(date +%s) - start))); }
+
+# a 20-step run through the whole pipeline first (final evaluation, results, margins): a fault that shows
+# only at a run's end costs seconds here instead of the lease
+python3 benchmarks/spd_toy_suite.py --suite resid_mlp2 --target-only --accelerator "$ACCEL" --work "$WORK" \
+    >"$OUT/target.log" 2>&1 || { tail -n 30 "$OUT/target.log"; exit 5; }
+mkdir -p "$WORK/smoke/targets" && cp "$WORK/targets/"resid_mlp2.* "$WORK/smoke/targets/"
+timeout 150 python3 benchmarks/spd_toy_suite.py --suite resid_mlp2 --seeds 99 --max-steps 20 --figures end \
+    --accelerator "$ACCEL" --work "$WORK/smoke" --out "$OUT/smoke.json" >"$OUT/smoke.log" 2>&1
+if ! grep -q '"ran": true' "$OUT/smoke.json" 2>/dev/null; then
+    echo "smoke run failed:"; tail -n 30 "$OUT/smoke.log" "$WORK"/smoke/*.log; exit 5
+fi
 
 timeout "$(left)" python3 benchmarks/spd_toy_suite.py --suite resid_mlp2 --seeds "$SEEDS" --jobs 5 --figures end --resume \
     --accelerator "$ACCEL" --work "$WORK" --out "$OUT/spd_toy_suite_gpu.json" $EXTRA >"$OUT/suite_resid_mlp2.log" 2>&1 &
