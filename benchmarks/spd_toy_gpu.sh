@@ -20,7 +20,8 @@ BUDGET=${BUDGET:-540}
 WORK=${WORK:-lightning_logs/spd_gpu}
 SEEDS=${SEEDS:-10-14}
 ACCEL=${ACCEL:-gpu}           # cpu: a local smoke run of this script
-TIME_STEPS=${TIME_STEPS:-200}
+TIME_STEPS=${TIME_STEPS:-200} # 0: no 3-layer timing (a second call, say)
+SMOKE=${SMOKE:-1}             # 0: no 20-step pipeline check (a second call, say)
 EXTRA=${EXTRA:-}              # more spd_toy_suite.py options for the 2-layer suite (smoke: --max-steps 5)
 start=$(date +%s)
 mkdir -p "$OUT" "$WORK"
@@ -42,18 +43,23 @@ left() { echo $((BUDGET - ($(date +%s) - start))); }
 python3 benchmarks/spd_toy_suite.py --suite resid_mlp2 --target-only --accelerator "$ACCEL" --work "$WORK" \
     >"$OUT/target.log" 2>&1 || { tail -n 30 "$OUT/target.log"; exit 5; }
 mkdir -p "$WORK/smoke/targets" && cp "$WORK/targets/"resid_mlp2.* "$WORK/smoke/targets/"
-timeout 150 python3 benchmarks/spd_toy_suite.py --suite resid_mlp2 --seeds 99 --max-steps 20 --figures end \
-    --accelerator "$ACCEL" --work "$WORK/smoke" --out "$OUT/smoke.json" >"$OUT/smoke.log" 2>&1
-if ! grep -q '"ran": true' "$OUT/smoke.json" 2>/dev/null; then
-    echo "smoke run failed:"; tail -n 30 "$OUT/smoke.log" "$WORK"/smoke/*.log; exit 5
+if [ "$SMOKE" = 1 ]; then
+    timeout 150 python3 benchmarks/spd_toy_suite.py --suite resid_mlp2 --seeds 99 --max-steps 20 --figures end \
+        --accelerator "$ACCEL" --work "$WORK/smoke" --out "$OUT/smoke.json" >"$OUT/smoke.log" 2>&1
+    if ! grep -q '"ran": true' "$OUT/smoke.json" 2>/dev/null; then
+        echo "smoke run failed:"; tail -n 30 "$OUT/smoke.log" "$WORK"/smoke/*.log; exit 5
+    fi
 fi
 
 timeout "$(left)" python3 benchmarks/spd_toy_suite.py --suite resid_mlp2 --seeds "$SEEDS" --jobs 5 --figures end --resume \
     --accelerator "$ACCEL" --work "$WORK" --out "$OUT/spd_toy_suite_gpu.json" $EXTRA >"$OUT/suite_resid_mlp2.log" 2>&1 &
 two=$!
-timeout "$(left)" python3 benchmarks/spd_toy_suite.py --suite resid_mlp3 --time-steps "$TIME_STEPS" \
-    --accelerator "$ACCEL" --work "$WORK" --out "$OUT/spd_toy_suite_gpu_timing.json" >"$OUT/suite_resid_mlp3.log" 2>&1
-echo "resid_mlp3 timing rc $? at $(( $(date +%s) - start )) s"
+if [ "$TIME_STEPS" -gt 0 ]; then
+    timeout "$(left)" python3 benchmarks/spd_toy_suite.py --suite resid_mlp3 --time-steps "$TIME_STEPS" \
+        --accelerator "$ACCEL" --work "$WORK" --out "$OUT/spd_toy_suite_gpu_timing.json" \
+        >"$OUT/suite_resid_mlp3.log" 2>&1
+    echo "resid_mlp3 timing rc $? at $(( $(date +%s) - start )) s"
+fi
 wait $two
 echo "resid_mlp2 suite rc $? at $(( $(date +%s) - start )) s"
 tail -n 20 "$OUT/suite_resid_mlp2.log"

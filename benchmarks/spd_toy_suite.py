@@ -244,14 +244,17 @@ def decompose(
 ) -> dict[str, Any]:
     """One decomposition seed: train.py fit, then its results, margins and verdict as a results row.
     figures overrides evaluation.figures (logging only: "end" skips the per-validation figures). resume
-    keeps a finished run's row (saved beside its run) and continues a stopped one from its last.ckpt (a
-    time-limited device call, say); the row's wall_s then counts this call's part alone."""
+    keeps a finished run's row (saved beside its run) of the same step count, and continues a stopped
+    run from its last.ckpt (after a time-limited device call, say); the row's wall_s then counts this
+    call's part alone."""
     root = work / "runs" / f"{suite}_seed{seed}"
     saved_row = root / "suite_row.json"
+    steps = config_steps(suite) if max_steps is None else max_steps
     if resume and saved_row.is_file():
         row = json.loads(saved_row.read_text())
-        print(f"{suite} seed {seed}: kept the finished run's row")
-        return row
+        if row.get("steps") == steps:
+            print(f"{suite} seed {seed}: kept the finished run's row")
+            return row
     resume_from = unfinished_checkpoint(root) if resume else None
     resumed_step = None if resume_from is None else checkpoint_step(resume_from)
     args = [*config_args(suite), "--seed_everything", str(seed),
@@ -263,7 +266,6 @@ def decompose(
     if resume_from is not None:
         args += ["--ckpt_path", str(resume_from)]
     rc, wall = run_train(args, work / f"{suite}_seed{seed}.log", machine, append=resume_from is not None)
-    steps = config_steps(suite) if max_steps is None else max_steps
     row: dict[str, Any] = {"suite": suite, "seed": seed, "steps": steps, "wall_s": round(wall, 1),
                            "accelerator": machine.accelerator}  # fmt: skip
     if figures is not None:

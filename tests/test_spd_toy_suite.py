@@ -176,7 +176,10 @@ def test_resume_continues_a_stopped_run_and_keeps_a_finished_one(tmp_path, monke
     (run / "spd_results.json").write_text("{}")  # finished: nothing to continue
     decompose(resume=True)
     assert "--ckpt_path" not in calls[-1][0]
-    saved = {"suite": "tms_5-2", "seed": 3, "ran": True, "passed": True}
+    steps = spd_toy_suite.config_steps("tms_5-2")
+    saved = {"suite": "tms_5-2", "seed": 3, "steps": steps, "ran": True, "passed": True}
     (run.parents[1] / "suite_row.json").write_text(json.dumps(saved))  # its row saved: kept, not rerun
     n = len(calls)
     assert decompose(resume=True) == saved and len(calls) == n
+    (run.parents[1] / "suite_row.json").write_text(json.dumps({**saved, "steps": 5}))  # a shortened run
+    assert decompose(resume=True)["steps"] == steps and len(calls) == n + 1  # run again, not kept
