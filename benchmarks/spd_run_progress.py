@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,35 +25,31 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.main_job import median_step_seconds, read_scalars  # noqa: E402
 from benchmarks.results import RESULTS_DIR  # noqa: E402
 
 
 def run_progress(run: Path) -> dict[str, Any]:
     """One run directory (any depth above its events file): steps reached, step time, alive history."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     events = sorted(run.rglob("events.out.tfevents.*"))
     if not events:
         raise FileNotFoundError(f"no TensorBoard events under {run}")
-    acc = EventAccumulator(str(events[-1].parent), size_guidance={"scalars": 0})
-    acc.Reload()
-    tags = acc.Tags()["scalars"]
-    loss = acc.Scalars("train/loss")
-    gaps = [
-        (b.wall_time - a.wall_time) / (b.step - a.step) for a, b in zip(loss, loss[1:]) if b.step > a.step
-    ]
+    scalars = read_scalars(events[-1].parent)
+    loss = scalars["train/loss"]  # [(step index, value, wall time)]
     alive = {
-        tag.removeprefix("val/alive_components/"): [[e.step + 1, e.value] for e in acc.Scalars(tag)]
-        for tag in tags
+        tag.removeprefix("val/alive_components/"): [[step + 1, value] for step, value, _ in points]
+        for tag, points in scalars.items()
         if tag.startswith("val/alive_components/")
-    }  # +1: validation logs at the step index of the batch it follows; rows name optimizer steps done
+    }  # +1: a validation is stamped with the index of the step it follows; rows name steps done
+    validations = sorted({step for points in alive.values() for step, _ in points})
+    step_s, _ = median_step_seconds(loss, [step - 1 for step in validations])
     return {
         "run": run.name,
-        "last_step": loss[-1].step + 1,
-        "train_wall_s": round(loss[-1].wall_time - loss[0].wall_time, 1),
-        "median_step_ms": round(1000 * statistics.median(gaps), 2) if gaps else None,
+        "last_step": loss[-1][0] + 1,
+        "train_wall_s": round(loss[-1][2] - loss[0][2], 1),
+        "median_step_ms": round(1000 * step_s, 2),  # intervals holding a validation left out
         "alive_components": alive,
-        "last_wall_time": loss[-1].wall_time,  # popped by main for the date
+        "last_wall_time": loss[-1][2],  # popped by main for the date
     }
 
 
