@@ -1,9 +1,10 @@
 """How far SPD runs got, read from their TensorBoard event files: steps, step time, alive components.
 
 For runs stopped before they wrote spd_results.json (a time-limited device lease, say): per run the last
-logged optimizer step, the median seconds per step between train/loss points (leaving out the intervals that
-hold a validation, as benchmarks/main_job.py does), and each validation's alive components per module. Rows go to a results file under benchmarks/results/ with the machine given on the
-command line (the runs' own machine, not this one):
+logged optimizer step, the median seconds per step between train/loss points (leaving out the intervals
+that hold a validation, as benchmarks/main_job.py does), and each validation's alive components per module.
+Rows go to a results file under benchmarks/results/ with the machine given on the command line (the runs'
+own machine, not this one):
 
     python benchmarks/spd_run_progress.py RUN_DIR [RUN_DIR ...] --name spd_run_progress_resid_mlp2_gpu \
         --commit cfcd0e2 --dirty --cpu "not read" --cores 16 --gpu "NVIDIA H200" --torch "not read" \

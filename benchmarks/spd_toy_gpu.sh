@@ -42,8 +42,8 @@ left() { echo $((BUDGET - ($(date +%s) - start))); }
 # only at a run's end costs seconds here instead of the lease
 python3 benchmarks/spd_toy_suite.py --suite resid_mlp2 --target-only --accelerator "$ACCEL" --work "$WORK" \
     >"$OUT/target.log" 2>&1 || { tail -n 30 "$OUT/target.log"; exit 5; }
-mkdir -p "$WORK/smoke/targets" && cp "$WORK/targets/"resid_mlp2.* "$WORK/smoke/targets/"
 if [ "$SMOKE" = 1 ]; then
+    mkdir -p "$WORK/smoke/targets" && cp "$WORK/targets/"resid_mlp2.* "$WORK/smoke/targets/"
     timeout 150 python3 benchmarks/spd_toy_suite.py --suite resid_mlp2 --seeds 99 --max-steps 20 --figures end \
         --accelerator "$ACCEL" --work "$WORK/smoke" --out "$OUT/smoke.json" >"$OUT/smoke.log" 2>&1
     if ! grep -q '"ran": true' "$OUT/smoke.json" 2>/dev/null; then

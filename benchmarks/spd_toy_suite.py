@@ -36,6 +36,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -362,21 +363,10 @@ def main(argv: list[str] | None = None) -> int:
         timing = time_steps(args.suite, target, args.work, machine, args.time_steps)
         timing["target_max_steps"] = args.target_max_steps
     if args.seeds:
+        run_seed = partial(decompose, args.suite, target=target, work=args.work, machine=machine,
+                           max_steps=args.max_steps, figures=args.figures, resume=args.resume)  # fmt: skip
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            futures = [
-                pool.submit(
-                    decompose,
-                    args.suite,
-                    s,
-                    target,
-                    args.work,
-                    machine,
-                    args.max_steps,
-                    args.figures,
-                    args.resume,
-                )
-                for s in args.seeds
-            ]
+            futures = [pool.submit(run_seed, seed=s) for s in args.seeds]
             new_rows = [f.result() for f in futures]
     results = load_existing(args.out)
     if args.target_max_steps is None:
