@@ -253,6 +253,13 @@ SPD_REFERENCE_IMPLS = {
 }
 
 
+PRECISION_WORDS = {
+    "32-true": "float32",
+    "bf16-mixed": "each implementation's forward under bfloat16 autocast (the reference's default, "
+    "`autocast_bf16: true`), the backward outside it",
+}
+
+
 def render_spd_reference_speed(payload: Payload) -> list[str]:
     """The tiny-LM SPD step of the reference implementation itself against ours, with the parity checks."""
     r = payload["results"]
@@ -273,7 +280,8 @@ def render_spd_reference_speed(payload: Payload) -> list[str]:
         for k in ("stochastic_recon", "stochastic_recon_layerwise")
     )
     head = (
-        f"The tiny LM's SPD training step (forward + backward + AdamW) on cpu, {r['threads']} thread(s): "
+        f"The tiny LM's SPD training step (forward + backward + AdamW) on cpu, {r['threads']} thread(s), "
+        f"{PRECISION_WORDS[r.get('precision', '32-true')]}: "
         f"median of {r['steps']} steps each, one step of each implementation in turn; the reference is "
         f"goodfire-ai/spd at `{ref['commit'][:8]}` (Python {ref.get('python') or '?'}) in its own process. "
         "Paired: the median (25th-75th percentile) of the ratio of each reference step to the step of the "
@@ -290,7 +298,8 @@ def render_spd_reference_speed(payload: Payload) -> list[str]:
     tokens, width, vocab = m["head_shape"]
     tail += (
         f" GFLOP: one step's matmul and attention arithmetic (torch's FlopCounterMode; elementwise work "
-        f"is not counted; ours + compile does ours'). A float32 matmul alone, in the same run: "
+        f"is not counted; ours + compile does ours'; the loss checks run in float32). A float32 matmul "
+        f"alone, in the same run: "
         f"{m['head_gflop_s']:.0f} GFLOP/s at the output head's shape ({tokens} x {width} x {vocab}), "
         f"{m['square_1024_gflop_s']:.0f} GFLOP/s at 1024 x 1024 x 1024."
     )

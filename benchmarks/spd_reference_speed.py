@@ -23,7 +23,8 @@ draw different random masks in the two codes, so their values are only shown).
 
 The reference wants Python 3.13; on 3.11 its worker loads it through a rewriting import hook (see the
 worker). A venv for it: torch (the same build), "transformers<5", jaxtyping, einops, "pydantic<2.12",
-wandb, python-dotenv, scipy, matplotlib, fire, tqdm. Writes benchmarks/results/spd_reference_speed_cpu.json.
+wandb, python-dotenv, scipy, matplotlib, fire, tqdm. Writes benchmarks/results/spd_reference_speed_cpu.json
+(spd_reference_speed_cpu_bf16.json with --precision bf16-mixed).
 """
 
 from __future__ import annotations
@@ -75,10 +76,12 @@ def save_state(path: Path) -> tuple[dict[str, float], float]:
 class ReferenceWorker:
     """The reference's step in its own process: step() returns its wall time in ms."""
 
-    def __init__(self, python: str, reference_path: str, state: Path, threads: int) -> None:
+    def __init__(
+        self, python: str, reference_path: str, state: Path, threads: int, autocast_bf16: bool = False
+    ) -> None:
         cfg = CONFIGS[NAME]
         spec = {"gpt": GPT_CONFIG, "patterns": cfg["patterns"], "ci": cfg["ci"], "hidden": cfg["hidden"],
-                "coeffs": COEFFS, "p": P, "loss": "kl", "threads": threads}  # fmt: skip
+                "coeffs": COEFFS, "p": P, "loss": "kl", "threads": threads, "autocast_bf16": autocast_bf16}  # fmt: skip
         cmd = [python, str(ROOT / "benchmarks" / "spd_reference_worker.py"), "--reference-path", reference_path,
                "--state", str(state), "--spec", json.dumps(spec)]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
@@ -119,10 +122,12 @@ def matmul_gflop_s(m: int, k: int, n: int, repeats: int = 30) -> float:
     return 2 * m * k * n / (statistics.median(times_ms) / 1e3) / 1e9
 
 
-def time_all(reference: ReferenceWorker, steps: int, warmup: int) -> dict[str, list[float]]:
+def time_all(
+    reference: ReferenceWorker, steps: int, warmup: int, autocast_bf16: bool = False
+) -> dict[str, list[float]]:
     """Step times (ms), one step of each implementation in turn, the order rotating (spd_speed.interleave)."""
     runners = {"reference": reference.step}
-    runners |= {impl: timed(make_step(NAME, impl, "cpu")) for impl in IMPLS[1:]}
+    runners |= {impl: timed(make_step(NAME, impl, "cpu", autocast_bf16)) for impl in IMPLS[1:]}
     return interleave(runners, steps, warmup)
 
 
@@ -138,6 +143,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--precision", choices=("32-true", "bf16-mixed"), default="32-true",
+        help="bf16-mixed: every implementation's forward under bfloat16 autocast (the reference's default, "
+        "`autocast_bf16: true`; ours as Lightning's bf16-mixed); the loss checks stay in float32",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -154,9 +164,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         state = Path(tmp) / "state.pt"
         ours_terms, ours_out = save_state(state)
-        reference = ReferenceWorker(args.reference_python, args.reference_path, state, args.threads)
+        bf16 = args.precision == "bf16-mixed"
+        reference = ReferenceWorker(args.reference_python, args.reference_path, state, args.threads, bf16)
         try:
-            times = time_all(reference, args.steps, args.warmup)
+            times = time_all(reference, args.steps, args.warmup, bf16)
             gflop = {"reference": reference.gflop()}
         finally:
             reference.close()
@@ -194,10 +205,13 @@ def main() -> None:
         rows[impl] = {"step_ms": median, "q25_ms": q25, "q75_ms": q75, "steps_ms": times[impl],
                       "paired_speedup_quartiles": list(quartiles(paired)), "gflop": gflop[impl],
                       "gflop_s": gflop[impl] / (median / 1e3)}  # fmt: skip
-    results = {"config": NAME, "threads": args.threads, "steps": args.steps, "warmup": args.warmup,
+    results = {"config": NAME, "threads": args.threads, "precision": args.precision, "steps": args.steps,
+               "warmup": args.warmup,
                "reference": {"repo": "goodfire-ai/spd", "commit": commit, "python": reference.first.get("python")},
                "checks": checks, "impls": rows, "matmul": matmul}  # fmt: skip
-    print(f"\nSPD tiny-LM training step on cpu ({args.threads} thread(s)), median of {args.steps} steps each")
+    print(
+        f"\nSPD tiny-LM training step on cpu ({args.threads} thread(s), {args.precision}), median of {args.steps} steps each"
+    )
     print("| implementation | step ms (25th-75th) | reference / it, paired steps | GFLOP | GFLOP/s |")
     print("|---|---:|---:|---:|---:|")
     for impl, r in rows.items():
@@ -208,7 +222,7 @@ def main() -> None:
         )
     print(f"matmul alone: {matmul}")
     print(f"checks: {json.dumps(checks)}")
-    write_results("spd_reference_speed_cpu", meta, results, out=args.out)
+    write_results("spd_reference_speed_cpu" + ("_bf16" if bf16 else ""), meta, results, out=args.out)
 
 
 if __name__ == "__main__":

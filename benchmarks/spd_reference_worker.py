@@ -178,21 +178,24 @@ def build(state_path: str, spec: dict[str, Any]) -> Any:
         StochasticReconLayerwiseLossConfig(coeff=coeffs["stochastic_recon_layerwise"]),
     ]
 
-    def step() -> tuple[dict[str, float], float]:
+    def step(autocast_bf16: bool = False) -> tuple[dict[str, float], float]:
         optimizer.zero_grad()
         weight_deltas = model.calc_weight_deltas()
-        out = model(x, cache_type="input")
-        ci = model.calc_causal_importances(
-            pre_weight_acts=out.cache, detach_inputs=False, sampling="continuous"
-        )
-        total, terms = compute_total_loss(
-            loss_metric_configs=losses, model=model, batch=x, ci=ci, target_out=out.output,
-            weight_deltas=weight_deltas, pre_weight_acts=out.cache, current_frac_of_training=0.0,
-            sampling="continuous", use_delta_component=True, n_mask_samples=1, output_loss_type=spec["loss"],
-        )  # fmt: skip
+        # the forward under bfloat16 autocast when asked, the backward outside it, as spd/run_spd.py
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
+            out = model(x, cache_type="input")
+            ci = model.calc_causal_importances(
+                pre_weight_acts=out.cache, detach_inputs=False, sampling="continuous"
+            )
+            total, terms = compute_total_loss(
+                loss_metric_configs=losses, model=model, batch=x, ci=ci, target_out=out.output,
+                weight_deltas=weight_deltas, pre_weight_acts=out.cache, current_frac_of_training=0.0,
+                sampling="continuous", use_delta_component=True, n_mask_samples=1,
+                output_loss_type=spec["loss"],
+            )  # fmt: skip
         total.backward()
         optimizer.step()
-        return terms, float(out.output.abs().sum())
+        return terms, float(out.output.float().abs().sum())
 
     return step
 
@@ -204,12 +207,16 @@ def main() -> None:
     parser.add_argument("--reference-path", required=True)
     parser.add_argument("--state", required=True, help="the driver's torch.save of target, batch and weights")
     parser.add_argument(
-        "--spec", required=True, help="JSON: gpt, patterns, ci, hidden, coeffs, p, loss, threads"
+        "--spec",
+        required=True,
+        help="JSON: gpt, patterns, ci, hidden, coeffs, p, loss, threads, autocast_bf16",
     )
     args = parser.parse_args()
     import_reference(args.reference_path)
-    step = build(args.state, json.loads(args.spec))
-    terms, out_sum = step()
+    spec = json.loads(args.spec)
+    step = build(args.state, spec)
+    terms, out_sum = step()  # float32: the driver checks these against its own
+    autocast_bf16 = bool(spec.get("autocast_bf16", False))
     ready = {"ready": True, "terms": terms, "target_out_abs_sum": out_sum, "python": sys.version.split()[0]}
     print(json.dumps(ready), flush=True)
     for line in sys.stdin:
@@ -220,11 +227,11 @@ def main() -> None:
             from torch.utils.flop_counter import FlopCounterMode
 
             with FlopCounterMode(display=False) as counter:
-                step()
+                step(autocast_bf16)
             print(json.dumps({"gflop": counter.get_total_flops() / 1e9}), flush=True)
             continue
         start = time.perf_counter()
-        step()
+        step(autocast_bf16)
         print(json.dumps({"ms": (time.perf_counter() - start) * 1e3}), flush=True)
 
 

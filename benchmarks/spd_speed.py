@@ -71,8 +71,10 @@ def check_equal_losses(name: str, device: str) -> dict[str, float]:
     return diffs
 
 
-def make_step(name: str, impl: str, device: str) -> Callable[[], None]:
-    """One training step (forward + backward + AdamW) of one implementation on its own model copy."""
+def make_step(name: str, impl: str, device: str, autocast_bf16: bool = False) -> Callable[[], None]:
+    """One training step (forward + backward + AdamW) of one implementation on its own model copy; with
+    autocast_bf16 the forward (the losses) runs under bfloat16 autocast and the backward and AdamW outside
+    it, as Lightning's bf16-mixed precision and the reference's `autocast_bf16` (spd/run_spd.py) do."""
     cm, x, loss_type = build(name, device)
     cm.record_clean_prefix = impl != "ours_no_prefix"
     if impl == "ours_unfused_head":
@@ -100,7 +102,8 @@ def make_step(name: str, impl: str, device: str) -> Callable[[], None]:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step() -> None:
-        loss = loss_fn()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast_bf16):
+            loss = loss_fn()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

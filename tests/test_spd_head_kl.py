@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_modules.gpt.config import GPTConfig
 from lightning_modules.gpt.model import GPT
@@ -188,6 +189,46 @@ def test_head_kl_under_bf16_autocast_is_close_to_the_unfused_form():
     assert h.grad.dtype == torch.float32
     torch.testing.assert_close(ours, ref, rtol=2e-2, atol=1e-3)
     torch.testing.assert_close(h.grad, h_ref.grad, rtol=5e-2, atol=2e-3)
+
+
+class _WeightCasts(TorchDispatchMode):
+    """Counts the dtype conversions (aten._to_copy) of tensors of one shape."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape, self.count = shape, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == self.shape:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_head_kl_under_autocast_casts_the_head_once_per_batch_and_equals_autocasts_linear():
+    g = torch.Generator().manual_seed(0)
+    vocab, width, rows = 4096, 16, 300  # CPU blocks of 2**19 // vocab = 128 rows: three blocks per term
+    weight, bias = torch.randn(vocab, width, generator=g) / 4, torch.randn(vocab, generator=g)
+    target = L.KLTarget.from_logits(torch.randn(rows, vocab, generator=g))
+    h0 = torch.randn(rows, width, generator=g)
+    hs = [h0.clone().requires_grad_() for _ in range(3)]
+    casts = _WeightCasts(tuple(weight.shape))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with casts:
+            fused = [L.head_kl_loss(h, weight, bias, target) for h in hs[:2]]  # two terms, one batch
+        unfused = L.kl_from_logits(F.linear(hs[2], weight, bias), target)  # autocast's own Linear
+    assert casts.count == 1
+    for loss in (*fused, unfused):
+        loss.backward()
+    # the value from the same bfloat16 logits as autocast's Linear gives
+    torch.testing.assert_close(fused[0], unfused, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused[1], fused[0], rtol=0, atol=0)
+    # the gradient: softmax(z) - p formed in float32, then one bfloat16 matmul with the bfloat16 head
+    bf16 = torch.bfloat16
+    z = F.linear(h0.to(bf16), weight.to(bf16), bias.to(bf16)).float()
+    expected = (torch.softmax(z, -1) - target.probs).to(bf16) @ weight.to(bf16)
+    torch.testing.assert_close(hs[0].grad, expected.float() / rows, rtol=1e-5, atol=1e-8)
+    # autocast's Linear backward rounds (softmax - p) / rows to bfloat16 instead: equal to that rounding
+    torch.testing.assert_close(hs[0].grad, hs[2].grad, rtol=2e-2, atol=2e-2 * hs[2].grad.abs().max().item())
 
 
 # ----------------------------------------------------------------------------- ComponentModel

@@ -41,6 +41,10 @@ class KLTarget:
     neg_entropy: Tensor  # (...)
     # head_projection's cache: id(weight) -> (weight, p W)
     _projections: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
+    # head_cast's cache: (id(weight), dtype) -> (weight, bias, the two cast)
+    _casts: dict[tuple[int, torch.dtype], tuple[Tensor, Tensor | None, Tensor, Tensor | None]] = field(
+        default_factory=dict, repr=False
+    )
 
     @classmethod
     def from_logits(cls, logits: Tensor) -> KLTarget:
@@ -58,6 +62,19 @@ class KLTarget:
             with torch.autocast(probs.device.type, enabled=False):
                 cached = self._projections[id(weight)] = (weight, probs @ weight.detach().float())
         return cached[1]
+
+    def head_cast(
+        self, weight: Tensor, bias: Tensor | None, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor | None]:
+        """A frozen head's weight and bias cast to `dtype` (autocast's), once per batch and head: autocast
+        casts a frozen weight anew on every call (it caches only casts of weights that require grad), which
+        for the fused head would be once per block of rows and per KL term."""
+        key = (id(weight), dtype)
+        cached = self._casts.get(key)
+        if cached is None or cached[0] is not weight or cached[1] is not bias:
+            cast = (weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype))
+            cached = self._casts[key] = (weight, bias, *cast)
+        return cached[2], cached[3]
 
 
 KLBlock = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
@@ -155,8 +172,10 @@ class _HeadKL(torch.autograd.Function):
     for the division and the subtraction of p (the cancellation in that subtraction is the one in
     softmax(z) - p in float32 already; tested). The value's p . z is taken from the rounded logits, as
     the unfused form does: h . pW would differ from it by the logits' rounding, which is not small
-    against a small KL. Under autocast or in a low-precision head the matmuls run in its dtype as the
-    head's Linear would, and softmax(z) - p is formed in float32 before the low-precision matmul.
+    against a small KL. The matmuls run in the dtype of the weight given, with autocast off: under
+    autocast head_kl_loss passes the head cast once per batch to autocast's dtype (KLTarget.head_cast),
+    so they run as the head's Linear would under autocast; in a low-precision head or under autocast,
+    softmax(z) - p is formed in float32 before the low-precision matmul.
     """
 
     @staticmethod
@@ -175,19 +194,22 @@ class _HeadKL(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(h) if need_grad else None  # (N, d): (softmax(z) - p) W
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        autocast_off = torch.autocast(h.device.type, enabled=False)
         for r in range(0, n, rows):
             p_r = probs[r : r + rows]
-            z = torch.nn.functional.linear(h[r : r + rows], weight, bias)  # (rows, V), fresh
+            with autocast_off:  # (rows, V), fresh
+                z = torch.nn.functional.linear(h[r : r + rows].to(weight.dtype), weight, bias)
             exact = z.dtype == torch.float32
             z = z.float()
             e, s, cross = block(z, p_r, z)  # the same steps as _KLFromLogits.forward, in z's storage
             total += (neg_entropy[r : r + rows] - cross + s.log().squeeze(-1)).sum()
             if not need_grad:
                 continue
-            if exact:
-                grad[r : r + rows] = torch.mm(e, weight).div_(s).sub_(p_weight[r : r + rows])
-            else:
-                grad[r : r + rows] = e.div_(s).sub_(p_r).to(weight.dtype) @ weight
+            with autocast_off:
+                if exact:
+                    grad[r : r + rows] = torch.mm(e, weight).div_(s).sub_(p_weight[r : r + rows])
+                else:
+                    grad[r : r + rows] = e.div_(s).sub_(p_r).to(weight.dtype) @ weight
         ctx.save_for_backward(grad)
         return total / n
 
@@ -209,6 +231,9 @@ def head_kl_loss(
     probs = target.probs.reshape(-1, vocab).contiguous()
     neg_entropy = target.neg_entropy.reshape(-1).float()
     p_weight = target.head_projection(weight)
+    device = h.device.type
+    if torch.is_autocast_enabled(device) and weight.dtype == torch.float32:
+        weight, bias = target.head_cast(weight, bias, torch.get_autocast_dtype(device))
     h2 = h.reshape(-1, h.shape[-1]).contiguous()
     return _HeadKL.apply(h2, weight, bias, probs, neg_entropy, p_weight, block)
 
