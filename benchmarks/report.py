@@ -264,6 +264,8 @@ def render_spd_reference_speed(payload: Payload) -> list[str]:
     """The tiny-LM SPD step of the reference implementation itself against ours, with the parity checks."""
     r = payload["results"]
     ref = r["reference"]
+    device = r.get("device", "cpu")
+    where = f"cpu, {r['threads']} thread(s)" if device == "cpu" else payload["meta"].get("gpu", device)
     header = ["implementation", "step ms (25th-75th percentile)", "reference / it, paired steps",
               "GFLOP (matmul, attention)", "GFLOP/s"]  # fmt: skip
     body = []
@@ -280,7 +282,7 @@ def render_spd_reference_speed(payload: Payload) -> list[str]:
         for k in ("stochastic_recon", "stochastic_recon_layerwise")
     )
     head = (
-        f"The tiny LM's SPD training step (forward + backward + AdamW) on cpu, {r['threads']} thread(s), "
+        f"The tiny LM's SPD training step (forward + backward + AdamW) on {where}, "
         f"{PRECISION_WORDS[r.get('precision', '32-true')]}: "
         f"median of {r['steps']} steps each, one step of each implementation in turn; the reference is "
         f"goodfire-ai/spd at `{ref['commit'][:8]}` (Python {ref.get('python') or '?'}) in its own process. "

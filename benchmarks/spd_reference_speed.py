@@ -77,11 +77,18 @@ class ReferenceWorker:
     """The reference's step in its own process: step() returns its wall time in ms."""
 
     def __init__(
-        self, python: str, reference_path: str, state: Path, threads: int, autocast_bf16: bool = False
+        self,
+        python: str,
+        reference_path: str,
+        state: Path,
+        threads: int,
+        autocast_bf16: bool = False,
+        device: str = "cpu",
     ) -> None:
         cfg = CONFIGS[NAME]
         spec = {"gpt": GPT_CONFIG, "patterns": cfg["patterns"], "ci": cfg["ci"], "hidden": cfg["hidden"],
-                "coeffs": COEFFS, "p": P, "loss": "kl", "threads": threads, "autocast_bf16": autocast_bf16}  # fmt: skip
+                "coeffs": COEFFS, "p": P, "loss": "kl", "threads": threads, "autocast_bf16": autocast_bf16,
+                "device": device}  # fmt: skip
         cmd = [python, str(ROOT / "benchmarks" / "spd_reference_worker.py"), "--reference-path", reference_path,
                "--state", str(state), "--spec", json.dumps(spec)]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
@@ -114,20 +121,27 @@ def rel_diff(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
-def matmul_gflop_s(m: int, k: int, n: int, repeats: int = 30) -> float:
-    """The median rate (GFLOP/s) of a float32 (m, k) @ (k, n) matmul alone on this process's threads."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    run = timed(lambda: a @ b)
+def matmul_gflop_s(m: int, k: int, n: int, device: str = "cpu", repeats: int = 30) -> float:
+    """The median rate (GFLOP/s) of a float32 (m, k) @ (k, n) matmul alone on this process's threads (or
+    on the GPU, synchronised)."""
+    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def matmul() -> None:
+        a @ b
+        sync()
+
+    run = timed(matmul)
     times_ms = [run() for _ in range(3 + repeats)][3:]  # 3 warm-up calls
     return 2 * m * k * n / (statistics.median(times_ms) / 1e3) / 1e9
 
 
 def time_all(
-    reference: ReferenceWorker, steps: int, warmup: int, autocast_bf16: bool = False
+    reference: ReferenceWorker, steps: int, warmup: int, autocast_bf16: bool = False, device: str = "cpu"
 ) -> dict[str, list[float]]:
     """Step times (ms), one step of each implementation in turn, the order rotating (spd_speed.interleave)."""
     runners = {"reference": reference.step}
-    runners |= {impl: timed(make_step(NAME, impl, "cpu", autocast_bf16)) for impl in IMPLS[1:]}
+    runners |= {impl: timed(make_step(NAME, impl, device, autocast_bf16)) for impl in IMPLS[1:]}
     return interleave(runners, steps, warmup)
 
 
@@ -142,7 +156,8 @@ def main() -> None:
     parser.add_argument("--reference-commit", default=None, help="recorded (default: git rev-parse there)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of each implementation")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
         "--precision", choices=("32-true", "bf16-mixed"), default="32-true",
         help="bf16-mixed: every implementation's forward under bfloat16 autocast (the reference's default, "
@@ -165,9 +180,11 @@ def main() -> None:
         state = Path(tmp) / "state.pt"
         ours_terms, ours_out = save_state(state)
         bf16 = args.precision == "bf16-mixed"
-        reference = ReferenceWorker(args.reference_python, args.reference_path, state, args.threads, bf16)
+        reference = ReferenceWorker(
+            args.reference_python, args.reference_path, state, args.threads, bf16, args.device
+        )
         try:
-            times = time_all(reference, args.steps, args.warmup, bf16)
+            times = time_all(reference, args.steps, args.warmup, bf16, args.device)
             gflop = {"reference": reference.gflop()}
         finally:
             reference.close()
@@ -192,12 +209,12 @@ def main() -> None:
     if checks["target_out_rel_diff"] > 1e-5 or imp["rel_diff"] > 1e-4:
         raise AssertionError(f"the reference and ours disagree where they must not: {checks}")
     # ours + compile does ours' arithmetic (compiled graphs are not counted by FlopCounterMode)
-    gflop |= {impl: count_gflop(NAME, impl, "cpu") for impl in ("naive", "ours")}
+    gflop |= {impl: count_gflop(NAME, impl, args.device) for impl in ("naive", "ours")}
     gflop["ours_compile"] = gflop["ours"]
     tokens = CONFIGS[NAME]["batch"] * CONFIGS[NAME]["seq"]
     matmul = {"head_shape": [tokens, GPT_CONFIG["n_embd"], GPT_CONFIG["vocab_size"]],
-              "head_gflop_s": matmul_gflop_s(tokens, GPT_CONFIG["n_embd"], GPT_CONFIG["vocab_size"]),
-              "square_1024_gflop_s": matmul_gflop_s(1024, 1024, 1024)}  # fmt: skip
+              "head_gflop_s": matmul_gflop_s(tokens, GPT_CONFIG["n_embd"], GPT_CONFIG["vocab_size"], args.device),
+              "square_1024_gflop_s": matmul_gflop_s(1024, 1024, 1024, args.device)}  # fmt: skip
     rows: dict[str, Any] = {}
     for impl in IMPLS:
         q25, median, q75 = quartiles(times[impl])
@@ -205,12 +222,12 @@ def main() -> None:
         rows[impl] = {"step_ms": median, "q25_ms": q25, "q75_ms": q75, "steps_ms": times[impl],
                       "paired_speedup_quartiles": list(quartiles(paired)), "gflop": gflop[impl],
                       "gflop_s": gflop[impl] / (median / 1e3)}  # fmt: skip
-    results = {"config": NAME, "threads": args.threads, "precision": args.precision, "steps": args.steps,
+    results = {"config": NAME, "device": args.device, "threads": args.threads, "precision": args.precision, "steps": args.steps,
                "warmup": args.warmup,
                "reference": {"repo": "goodfire-ai/spd", "commit": commit, "python": reference.first.get("python")},
                "checks": checks, "impls": rows, "matmul": matmul}  # fmt: skip
     print(
-        f"\nSPD tiny-LM training step on cpu ({args.threads} thread(s), {args.precision}), median of {args.steps} steps each"
+        f"\nSPD tiny-LM training step on {args.device} ({args.threads} thread(s), {args.precision}), median of {args.steps} steps each"
     )
     print("| implementation | step ms (25th-75th) | reference / it, paired steps | GFLOP | GFLOP/s |")
     print("|---|---:|---:|---:|---:|")
@@ -222,7 +239,8 @@ def main() -> None:
         )
     print(f"matmul alone: {matmul}")
     print(f"checks: {json.dumps(checks)}")
-    write_results("spd_reference_speed_cpu" + ("_bf16" if bf16 else ""), meta, results, out=args.out)
+    name = f"spd_reference_speed_{args.device}" + ("_bf16" if bf16 else "")
+    write_results(name, meta, results, out=args.out)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import json
 import os
 import re
@@ -108,10 +109,46 @@ class _EmptyModule(types.ModuleType):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self
 
+    # in annotations evaluated at definition: `float | wandb.plot.CustomChart`, `Stub[...]`
+    def __or__(self, other: Any) -> Any:
+        return self
+
+    __ror__ = __or__
+
+    def __getitem__(self, item: Any) -> Any:
+        return self
+
+
+class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves an _EmptyModule for each of `names` and their submodules: packages that are not installed
+    (an offline GPU machine) whose imports the reference's modules make but its training step never uses."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = set(names)
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:  # noqa: D102
+        if fullname.split(".")[0] not in self.names:
+            return None
+        return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+
+    def create_module(self, spec: Any) -> types.ModuleType:  # noqa: D102
+        return _EmptyModule(spec.name)
+
+    def exec_module(self, module: types.ModuleType) -> None:  # noqa: D102
+        pass
+
+
+# imported at module level by the reference modules the step loads, used only for logging and loading env
+STUBBABLE = ("wandb", "wandb_workspaces", "dotenv")
+
 
 def import_reference(path: str) -> None:
-    """Make `import spd` load the checkout at `path` (on Python < 3.12 through the rewriting loader)."""
+    """Make `import spd` load the checkout at `path` (on Python < 3.12 through the rewriting loader);
+    STUBBABLE packages that are not installed are served as empty modules."""
     os.environ.setdefault("WANDB_MODE", "disabled")
+    missing = [name for name in STUBBABLE if importlib.util.find_spec(name) is None]
+    if missing:
+        sys.meta_path.append(_StubFinder(missing))
     if sys.version_info < (3, 12):
         import typing
 
@@ -147,18 +184,20 @@ def build(state_path: str, spec: dict[str, Any]) -> Any:
     from lightning_modules.gpt.model import GPT
 
     torch.set_num_threads(spec["threads"])
+    device = spec.get("device", "cpu")
     state = torch.load(state_path, weights_only=True)
     target = GPT(GPTConfig(**spec["gpt"]))
     target.load_state_dict(state["target"])
     target.requires_grad_(False)
-    x = state["batch"]
+    target.to(device)
+    x = state["batch"].to(device)
     info = expand_module_patterns(
         target, [ModulePatternInfoConfig(module_pattern=k, C=v) for k, v in spec["patterns"].items()]
     )
     model = ComponentModel(
         target_model=target, module_path_info=info, ci_fn_type=spec["ci"], ci_fn_hidden_dims=spec["hidden"],
         sigmoid_type="leaky_hard", pretrained_model_output_attr=None,
-    )  # fmt: skip
+    ).to(device)  # fmt: skip
     with torch.no_grad():  # our V, U and CI-function weights (its Linear keeps W as (in, out))
         for name in model.target_module_paths:
             model.components[name].V.copy_(state["V"][name])
@@ -182,7 +221,7 @@ def build(state_path: str, spec: dict[str, Any]) -> Any:
         optimizer.zero_grad()
         weight_deltas = model.calc_weight_deltas()
         # the forward under bfloat16 autocast when asked, the backward outside it, as spd/run_spd.py
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast_bf16):
             out = model(x, cache_type="input")
             ci = model.calc_causal_importances(
                 pre_weight_acts=out.cache, detach_inputs=False, sampling="continuous"
@@ -195,7 +234,7 @@ def build(state_path: str, spec: dict[str, Any]) -> Any:
             )  # fmt: skip
         total.backward()
         optimizer.step()
-        return terms, float(out.output.float().abs().sum())
+        return terms, float(out.output.float().abs().sum())  # float() waits for the GPU
 
     return step
 

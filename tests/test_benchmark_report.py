@@ -108,3 +108,15 @@ def test_result_without_run_metadata_is_reported(toy: Path, tmp_path: Path) -> N
     doc.write_text("<!-- results:begin toy -->\n<!-- results:end toy -->\n")
     problems = report.process([doc], check=True, results_dir=toy)
     assert len(problems) == 1 and "load_after" in problems[0]
+
+
+def test_spd_reference_speed_names_the_gpu_and_precision() -> None:
+    """A GPU run of spd_reference_speed says which GPU, not CPU threads, and its precision."""
+    payload = json.loads((RESULTS_DIR / "spd_reference_speed_cpu_bf16.json").read_text())
+    head = report.render_spd_reference_speed(payload)[0]
+    assert "on cpu, 1 thread(s), each implementation's forward under bfloat16 autocast" in head
+    payload["results"]["device"] = "cuda"
+    payload["meta"]["gpu"] = "NVIDIA H200"
+    payload["results"]["precision"] = "32-true"
+    head = report.render_spd_reference_speed(payload)[0]
+    assert "on NVIDIA H200, float32:" in head and "thread" not in head

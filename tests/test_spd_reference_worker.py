@@ -1,5 +1,5 @@
 """benchmarks/spd_reference_worker.py's loader: the reference (Python 3.13) imported on an older Python by
-rewriting PEP 695 type-parameter lists, which only annotate."""
+rewriting PEP 695 type-parameter lists, which only annotate; and its logging packages stubbed where missing."""
 
 import sys
 import textwrap
@@ -7,7 +7,7 @@ import typing
 
 import pytest
 
-from benchmarks.spd_reference_worker import _Finder, strip_type_params
+from benchmarks.spd_reference_worker import _Finder, _StubFinder, strip_type_params
 
 SOURCE = textwrap.dedent(
     '''
@@ -79,3 +79,29 @@ def test_the_finder_loads_an_spd_package_written_for_a_newer_python(tmp_path, mo
 def test_the_unrewritten_source_does_not_compile_here():
     with pytest.raises(SyntaxError):
         compile(SOURCE, "<reference>", "exec")
+
+
+def test_missing_logging_packages_are_served_as_empty_modules(monkeypatch):
+    """An offline GPU image without wandb: the reference's module-level imports and annotations still run."""
+    name = "wandb_stub_probe"  # a name no installed package has
+    finder = _StubFinder([name])
+    monkeypatch.setattr(sys, "meta_path", [*sys.meta_path, finder])
+    try:
+        source = textwrap.dedent(
+            f"""
+            import {name}
+            from {name}.sdk.wandb_run import Run
+            def compute() -> dict[str, float | {name}.plot.CustomChart]:
+                return {{"x": 1.0}}
+            def log(run: Run[int] | None = None) -> None:
+                {name}.log({{"x": 1}})
+            """
+        )
+        namespace: dict = {}
+        exec(compile(source, "<reference>", "exec"), namespace)
+        assert namespace["compute"]() == {"x": 1.0}
+        namespace["log"]()
+        assert finder.find_spec("numpy", None) is None  # only the named packages
+    finally:
+        for key in [k for k in sys.modules if k.split(".")[0] == name]:
+            del sys.modules[key]
