@@ -191,6 +191,28 @@ def test_head_kl_under_bf16_autocast_is_close_to_the_unfused_form():
     torch.testing.assert_close(h.grad, h_ref.grad, rtol=5e-2, atol=2e-3)
 
 
+def test_head_kl_terms_of_one_batch_share_its_cpu_block_buffers_and_match_the_unfused_form():
+    g = torch.Generator().manual_seed(1)
+    vocab, width, rows = 4096, 16, 300  # blocks of 128, 128 and 44 rows
+    weight, bias = torch.randn(vocab, width, generator=g) / 4, torch.randn(vocab, generator=g)
+    target = L.KLTarget.from_logits(torch.randn(rows, vocab, generator=g))
+    losses = []
+    for scale in (1.0, 0.5):  # two terms of the batch, through the same buffers
+        h = (scale * torch.randn(rows, width, generator=g)).requires_grad_()
+        h_ref = h.detach().clone().requires_grad_()
+        fused, unfused = (
+            L.head_kl_loss(h, weight, bias, target),
+            L.kl_from_logits(F.linear(h_ref, weight, bias), target),
+        )
+        fused.backward()
+        unfused.backward()
+        torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-4, atol=1e-7)
+        losses.append(fused)
+    assert list(target._buffers) == [(128, vocab)]  # one pair, made for the first term, reused by the second
+    assert not torch.equal(losses[0], losses[1])
+
+
 class _WeightCasts(TorchDispatchMode):
     """Counts the dtype conversions (aten._to_copy) of tensors of one shape."""
 

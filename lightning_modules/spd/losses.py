@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -45,6 +46,8 @@ class KLTarget:
     _casts: dict[tuple[int, torch.dtype], tuple[Tensor, Tensor | None, Tensor, Tensor | None]] = field(
         default_factory=dict, repr=False
     )
+    # block_buffers' cache: (rows, vocab) -> two float32 (rows, vocab) buffers
+    _buffers: dict[tuple[int, int], tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_logits(cls, logits: Tensor) -> KLTarget:
@@ -76,25 +79,39 @@ class KLTarget:
             cached = self._casts[key] = (weight, bias, *cast)
         return cached[2], cached[3]
 
+    def block_buffers(self, rows: int, vocab: int) -> tuple[Tensor, Tensor]:
+        """Two float32 (rows, vocab) buffers on the probs' device, made once per batch, for the fused head's
+        CPU blocks (the logits and the product p * zc) of every KL term of the batch: reused, they stay in
+        the core's caches, where a fresh 2 MiB block per matmul and per product cost ~3% of a tiny-LM step."""
+        cached = self._buffers.get((rows, vocab))
+        if cached is None:
+            make = partial(torch.empty, rows, vocab, dtype=torch.float32, device=self.probs.device)
+            cached = self._buffers[(rows, vocab)] = (make(), make())
+        return cached
 
-KLBlock = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+
+KLBlock = Callable[..., tuple[Tensor, Tensor, Tensor]]  # (z, probs, out, product=None) -> (e, s, cross)
 
 
-def kl_block(z: Tensor, probs: Tensor, out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def kl_block(
+    z: Tensor, probs: Tensor, out: Tensor, product: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """For a block of logits z (rows, V) and the target's probs (rows, V): (e, s, cross) with
     e = exp(z - max z), written into `out` (which may be z), s = sum_v e (rows, 1) and
-    cross = p . (z - max z) (rows,).
+    cross = p . (z - max z) (rows,), its products p * (z - max z) written into `product` when given.
 
     With zc = z - max(z) per row, p . z - logsumexp(z) = p . zc - log s: the maxima cancel, and each row's KL
     is formed before summing, so the float32 sums are of the size of the KLs, not of the logits."""
     zc = torch.sub(z, z.amax(-1, keepdim=True), out=out)
-    cross = torch.linalg.vecdot(probs, zc)
+    cross = torch.linalg.vecdot(probs, zc) if product is None else torch.mul(probs, zc, out=product).sum(-1)
     e = zc.exp_()
     return e, e.sum(-1, keepdim=True), cross
 
 
-def _kl_block_out_of_place(z: Tensor, probs: Tensor, out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """kl_block written without in-place updates (e is a new tensor, `out` unused), for torch.compile to
+def _kl_block_out_of_place(
+    z: Tensor, probs: Tensor, out: Tensor, product: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """kl_block written without in-place updates (e is a new tensor, `out` and `product` unused), for torch.compile to
     fuse into one pass over the block after the max. Eager, those passes and the (rows, V) product p * zc
     are the block's largest cost after its two matmuls (~0.9 ms against ~1.4 ms of matmul per 128 x 4096
     block on one CPU core)."""
@@ -157,6 +174,12 @@ def kl_from_logits(pred: Tensor, target: KLTarget, block: KLBlock = kl_block) ->
     return _KLFromLogits.apply(z, probs, target.neg_entropy.reshape(-1).to(z.dtype), block)
 
 
+def head_block_rows(device_type: str, vocab: int) -> int:
+    """Rows per block of the fused head: ~2 MiB of float32 logits on a CPU (the core's cache), ~256 MiB
+    elsewhere (bounded memory)."""
+    return max(8, (2**19 if device_type == "cpu" else 2**26) // vocab)
+
+
 class _HeadKL(torch.autograd.Function):
     """mean_n KL(p_n || softmax(h_n W^T + b)) from the final hidden states h (N, d) and a frozen output
     head W (V, d), b (V): the output projection fused with _KLFromLogits' computation, over blocks of rows.
@@ -188,20 +211,31 @@ class _HeadKL(torch.autograd.Function):
         neg_entropy: Tensor,
         p_weight: Tensor,
         block: KLBlock = kl_block,
+        buffers: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         n, vocab = h.shape[0], weight.shape[0]
-        rows = max(8, (2**19 if h.device.type == "cpu" else 2**26) // vocab)
+        rows = head_block_rows(h.device.type, vocab)
         need_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(h) if need_grad else None  # (N, d): (softmax(z) - p) W
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         autocast_off = torch.autocast(h.device.type, enabled=False)
+        exact = weight.dtype == torch.float32
+        buffers = buffers if exact and h.device.type == "cpu" else None
         for r in range(0, n, rows):
             p_r = probs[r : r + rows]
-            with autocast_off:  # (rows, V), fresh
-                z = torch.nn.functional.linear(h[r : r + rows].to(weight.dtype), weight, bias)
-            exact = z.dtype == torch.float32
-            z = z.float()
-            e, s, cross = block(z, p_r, z)  # the same steps as _KLFromLogits.forward, in z's storage
+            with autocast_off:  # (rows, V): into a buffer (CPU, float32), else fresh
+                if buffers is None:
+                    z = torch.nn.functional.linear(h[r : r + rows].to(weight.dtype), weight, bias).float()
+                    product = None
+                else:
+                    z, product = (b[: p_r.shape[0]] for b in buffers)
+                    h_r = h[r : r + rows].to(weight.dtype)
+                    if bias is None:
+                        torch.mm(h_r, weight.t(), out=z)
+                    else:
+                        torch.addmm(bias, h_r, weight.t(), out=z)
+            # the same steps as _KLFromLogits.forward, in z's storage
+            e, s, cross = block(z, p_r, z, product)
             total += (neg_entropy[r : r + rows] - cross + s.log().squeeze(-1)).sum()
             if not need_grad:
                 continue
@@ -216,7 +250,7 @@ class _HeadKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
         (grad,) = ctx.saved_tensors
-        return (grad * (grad_out / grad.shape[0]).to(grad.dtype), *[None] * 6)
+        return (grad * (grad_out / grad.shape[0]).to(grad.dtype), *[None] * 7)
 
 
 def head_kl_loss(
@@ -235,7 +269,10 @@ def head_kl_loss(
     if torch.is_autocast_enabled(device) and weight.dtype == torch.float32:
         weight, bias = target.head_cast(weight, bias, torch.get_autocast_dtype(device))
     h2 = h.reshape(-1, h.shape[-1]).contiguous()
-    return _HeadKL.apply(h2, weight, bias, probs, neg_entropy, p_weight, block)
+    buffers = None
+    if device == "cpu" and weight.dtype == torch.float32:
+        buffers = target.block_buffers(min(h2.shape[0], head_block_rows(device, vocab)), vocab)
+    return _HeadKL.apply(h2, weight, bias, probs, neg_entropy, p_weight, block, buffers)
 
 
 def masked_recon_loss(
