@@ -16,7 +16,10 @@ The reference needs Python 3.13. On an older Python (3.11 here) the worker impor
 that rewrites PEP 695 type-parameter lists (`def f[T](...)`, `class C[T]:`) into module-level TypeVars
 and `Generic[...]` bases; they only annotate. `typing.override` comes from typing_extensions, and the
 wandb report helpers the reference imports for its dashboards (`wandb_workspaces`) are replaced by empty
-modules: nothing the training step runs touches them.
+modules: nothing the training step runs touches them. On any Python, wandb and python-dotenv, imported at
+module level for logging, are served as empty modules where they are not installed (an offline GPU image).
+The spec's `device` (cpu / cuda) places the step, and its `autocast_bf16` runs the timed steps' forwards
+under bfloat16 autocast as spd/run_spd.py does (the first step, whose terms the driver checks, is float32).
 """
 
 from __future__ import annotations
@@ -248,7 +251,7 @@ def main() -> None:
     parser.add_argument(
         "--spec",
         required=True,
-        help="JSON: gpt, patterns, ci, hidden, coeffs, p, loss, threads, autocast_bf16",
+        help="JSON: gpt, patterns, ci, hidden, coeffs, p, loss, threads, autocast_bf16, device",
     )
     args = parser.parse_args()
     import_reference(args.reference_path)

@@ -111,10 +111,10 @@ def kl_block(
 def _kl_block_out_of_place(
     z: Tensor, probs: Tensor, out: Tensor, product: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """kl_block written without in-place updates (e is a new tensor, `out` and `product` unused), for torch.compile to
-    fuse into one pass over the block after the max. Eager, those passes and the (rows, V) product p * zc
-    are the block's largest cost after its two matmuls (~0.9 ms against ~1.4 ms of matmul per 128 x 4096
-    block on one CPU core)."""
+    """kl_block written without in-place updates (e is a new tensor, `out` and `product` unused), for
+    torch.compile to fuse into one pass over the block after the max. Eager, those passes and the (rows, V)
+    product p * zc are the block's largest cost after its two matmuls (~0.9 ms against ~1.4 ms of matmul
+    per 128 x 4096 block on one CPU core)."""
     zc = z - z.amax(-1, keepdim=True)
     e = zc.exp()
     return e, e.sum(-1, keepdim=True), (probs * zc).sum(-1)
