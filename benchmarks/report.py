@@ -305,6 +305,22 @@ def render_spd_reference_speed(payload: Payload) -> list[str]:
         f"{m['head_gflop_s']:.0f} GFLOP/s at the output head's shape ({tokens} x {width} x {vocab}), "
         f"{m['square_1024_gflop_s']:.0f} GFLOP/s at 1024 x 1024 x 1024."
     )
+    floor = r.get("shared_floor")
+    if floor:
+        ms, counts, floors = floor["ms"], floor["counts"], floor["floor_ms"]
+        ours, ref = counts["ours"], counts["reference"]
+        step_ours, step_ref = r["impls"]["ours"]["step_ms"], r["impls"]["reference"]["step_ms"]
+        tail += (
+            f" The work both must run, timed alone in the same run (both run our GPT): a target block's "
+            f"forward + backward {ms['block_fwd_bwd']:.1f} ms, its forward {ms['block_fwd']:.1f} ms, the "
+            f"head's two matmuls of a KL term {ms['head_pair']:.1f} ms. Per step ours runs "
+            f"{ours['block_fwd_bwd']} + {ours['block_fwd']} blocks and {ours['head_pair']} head pairs "
+            f"({floors['ours']:.0f} ms), the reference {ref['block_fwd_bwd']} + {ref['block_fwd']} and "
+            f"{ref['head_pair']} ({floors['reference']:.0f} ms). The reference's step over ours' floor, "
+            f"{step_ref / floors['ours']:.2f}x, bounds what any SPD code on this target could reach here; "
+            f"2x needs ours' own work (its step less its floor, {step_ours - floors['ours']:.0f} ms) at "
+            f"{step_ref / 2 - floors['ours']:.0f} ms or less."
+        )
     return [head, ""] + _table(header, None, body) + ["", tail]
 
 

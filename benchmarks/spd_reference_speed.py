@@ -13,7 +13,10 @@ Beside the times: each implementation's arithmetic per step (torch's FlopCounter
 attention, elementwise work not counted), the rate it reaches (GFLOP / median step), and, measured in the
 same run, the rate of a float32 matmul alone on this core at the step's largest shape (the output head's,
 tokens x width x vocab) and at 1024 x 1024 x 1024: how far each implementation is from what the core's
-matmuls can do at all, and so what a given speed-up over the reference would need.
+matmuls can do at all, and so what a given speed-up over the reference would need. And the shared floor
+(shared_floor): the target's blocks and the head's matmuls, which both implementations run on the same
+target, timed alone and counted per step for each: the reference's step over ours' floor bounds the
+speed-up any SPD code could reach on this target.
 
 Checked before timing: the reference's clean forward gives the target's logits (the same target), and its
 importance-minimality term on the same weights equals ours (a deterministic term; the stochastic ones
@@ -136,6 +139,57 @@ def matmul_gflop_s(m: int, k: int, n: int, device: str = "cpu", repeats: int = 3
     return 2 * m * k * n / (statistics.median(times_ms) / 1e3) / 1e9
 
 
+def shared_floor(device: str, autocast_bf16: bool = False, repeats: int = 40) -> dict[str, Any]:
+    """The work both implementations must run, timed alone, and what it adds up to for each: both run our
+    GPT, so the target's blocks and the output head's two matmuls per KL term (the logits; their gradient to
+    the hidden states) cost them alike. Per step, with n layers and k decomposed modules per layer: the
+    clean forward (n blocks, no backward), the all-module stochastic term (n blocks with backward) and one
+    layerwise term per module, each a KL through the head (1 + k n head pairs); ours' layerwise forward of
+    a module in block l runs blocks l..n-1 (counted whole: k n (n + 1) / 2 blocks), the reference's all n
+    (k n^2). Everything else a step takes (components, CI functions, masks, the KL's elementwise passes,
+    AdamW, Python) is each implementation's own, so the reference's step over ours' floor bounds the
+    speed-up any SPD code on this target could reach."""
+    gpt = build(NAME, "cpu")[0].target_model.to(device)
+    block = gpt.transformer.h[1]
+    tokens = CONFIGS[NAME]["batch"] * CONFIGS[NAME]["seq"]
+    x = torch.randn(CONFIGS[NAME]["batch"], CONFIGS[NAME]["seq"], GPT_CONFIG["n_embd"], device=device)
+    x.requires_grad_()
+    grad = torch.randn_like(x)
+    h = torch.randn(tokens, GPT_CONFIG["n_embd"], device=device)
+    weight, probs = gpt.lm_head.weight.detach(), torch.randn(tokens, GPT_CONFIG["vocab_size"], device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=autocast_bf16)
+
+    def block_fwd_bwd() -> None:
+        with autocast:
+            y = block(x)
+        y.backward(grad)
+        sync()
+
+    def block_fwd() -> None:
+        with torch.no_grad(), autocast:
+            block(x)
+        sync()
+
+    def head_pair() -> None:
+        with autocast:
+            h @ weight.t()
+            probs @ weight
+        sync()
+
+    ms = {}
+    for key, fn in {"block_fwd_bwd": block_fwd_bwd, "block_fwd": block_fwd, "head_pair": head_pair}.items():
+        run = timed(fn)
+        ms[key] = statistics.median([run() for _ in range(5 + repeats)][5:])
+    n, k = GPT_CONFIG["n_layer"], len(CONFIGS[NAME]["patterns"])
+    counts = {
+        "ours": {"block_fwd_bwd": n + k * n * (n + 1) // 2, "block_fwd": n, "head_pair": 1 + k * n},
+        "reference": {"block_fwd_bwd": n + k * n * n, "block_fwd": n, "head_pair": 1 + k * n},
+    }
+    floor = {impl: sum(c[key] * ms[key] for key in ms) for impl, c in counts.items()}
+    return {"ms": ms, "counts": counts, "floor_ms": floor}
+
+
 def time_all(
     reference: ReferenceWorker, steps: int, warmup: int, autocast_bf16: bool = False, device: str = "cpu"
 ) -> dict[str, list[float]]:
@@ -215,6 +269,7 @@ def main() -> None:
     matmul = {"head_shape": [tokens, GPT_CONFIG["n_embd"], GPT_CONFIG["vocab_size"]],
               "head_gflop_s": matmul_gflop_s(tokens, GPT_CONFIG["n_embd"], GPT_CONFIG["vocab_size"], args.device),
               "square_1024_gflop_s": matmul_gflop_s(1024, 1024, 1024, args.device)}  # fmt: skip
+    floor = shared_floor(args.device, bf16)
     rows: dict[str, Any] = {}
     for impl in IMPLS:
         q25, median, q75 = quartiles(times[impl])
@@ -225,7 +280,7 @@ def main() -> None:
     results = {"config": NAME, "device": args.device, "threads": args.threads, "precision": args.precision, "steps": args.steps,
                "warmup": args.warmup,
                "reference": {"repo": "goodfire-ai/spd", "commit": commit, "python": reference.first.get("python")},
-               "checks": checks, "impls": rows, "matmul": matmul}  # fmt: skip
+               "checks": checks, "impls": rows, "matmul": matmul, "shared_floor": floor}  # fmt: skip
     print(
         f"\nSPD tiny-LM training step on {args.device} ({args.threads} thread(s), {args.precision}), median of {args.steps} steps each"
     )
@@ -238,6 +293,7 @@ def main() -> None:
             f" | {r['gflop']:.1f} | {r['gflop_s']:.0f} |"
         )
     print(f"matmul alone: {matmul}")
+    print(f"shared floor: {json.dumps(floor)}")
     print(f"checks: {json.dumps(checks)}")
     name = f"spd_reference_speed_{args.device}" + ("_bf16" if bf16 else "")
     write_results(name, meta, results, out=args.out)

@@ -120,3 +120,21 @@ def test_spd_reference_speed_names_the_gpu_and_precision() -> None:
     payload["results"]["precision"] = "32-true"
     head = report.render_spd_reference_speed(payload)[0]
     assert "on NVIDIA H200, float32:" in head and "thread" not in head
+
+
+def test_spd_reference_speed_bounds_the_speedup_by_the_shared_floor() -> None:
+    """The floor both implementations must run (target blocks, head matmuls) bounds the reachable ratio."""
+    payload = json.loads((RESULTS_DIR / "spd_reference_speed_cpu_bf16.json").read_text())
+    r = payload["results"]
+    r["impls"]["ours"]["step_ms"], r["impls"]["reference"]["step_ms"] = 550.0, 980.0
+    r["shared_floor"] = {
+        "ms": {"block_fwd_bwd": 5.0, "block_fwd": 2.5, "head_pair": 6.0},
+        "counts": {
+            "ours": {"block_fwd_bwd": 44, "block_fwd": 4, "head_pair": 17},
+            "reference": {"block_fwd_bwd": 68, "block_fwd": 4, "head_pair": 17},
+        },
+        "floor_ms": {"ours": 44 * 5.0 + 4 * 2.5 + 17 * 6.0, "reference": 68 * 5.0 + 4 * 2.5 + 17 * 6.0},
+    }
+    tail = report.render_spd_reference_speed(payload)[-1]
+    assert "ours runs 44 + 4 blocks and 17 head pairs (332 ms), the reference 68 + 4 and 17 (452 ms)" in tail
+    assert "2.95x, bounds" in tail and "(its step less its floor, 218 ms) at 158 ms or less" in tail
