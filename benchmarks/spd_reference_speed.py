@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import run_metadata, write_results  # noqa: E402
 from benchmarks.spd_speed import count_gflop, interleave, make_step, quartiles, timed  # noqa: E402
+from benchmarks.timing import sync  # noqa: E402
 from lightning_modules.spd.objective import SPDObjective  # noqa: E402
 from tests.helpers.spd_naive import COEFFS, CONFIGS, build  # noqa: E402
 
@@ -124,19 +126,22 @@ def rel_diff(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
+def median_ms(fn: Callable[[], None], device: str, repeats: int, warmup: int) -> float:
+    """The median wall time (ms) of `fn` alone over `repeats` calls after `warmup`, the device waited for."""
+
+    def call() -> None:
+        fn()
+        sync(torch.device(device))
+
+    run = timed(call)
+    return statistics.median([run() for _ in range(warmup + repeats)][warmup:])
+
+
 def matmul_gflop_s(m: int, k: int, n: int, device: str = "cpu", repeats: int = 30) -> float:
     """The median rate (GFLOP/s) of a float32 (m, k) @ (k, n) matmul alone on this process's threads (or
-    on the GPU, synchronised)."""
+    on the GPU)."""
     a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def matmul() -> None:
-        a @ b
-        sync()
-
-    run = timed(matmul)
-    times_ms = [run() for _ in range(3 + repeats)][3:]  # 3 warm-up calls
-    return 2 * m * k * n / (statistics.median(times_ms) / 1e3) / 1e9
+    return 2 * m * k * n / (median_ms(lambda: a @ b, device, repeats, warmup=3) / 1e3) / 1e9
 
 
 def shared_floor(device: str, autocast_bf16: bool = False, repeats: int = 40) -> dict[str, Any]:
@@ -157,30 +162,24 @@ def shared_floor(device: str, autocast_bf16: bool = False, repeats: int = 40) ->
     grad = torch.randn_like(x)
     h = torch.randn(tokens, GPT_CONFIG["n_embd"], device=device)
     weight, probs = gpt.lm_head.weight.detach(), torch.randn(tokens, GPT_CONFIG["vocab_size"], device=device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=autocast_bf16)
 
     def block_fwd_bwd() -> None:
         with autocast:
             y = block(x)
         y.backward(grad)
-        sync()
 
     def block_fwd() -> None:
         with torch.no_grad(), autocast:
             block(x)
-        sync()
 
     def head_pair() -> None:
         with autocast:
             h @ weight.t()
             probs @ weight
-        sync()
 
-    ms = {}
-    for key, fn in {"block_fwd_bwd": block_fwd_bwd, "block_fwd": block_fwd, "head_pair": head_pair}.items():
-        run = timed(fn)
-        ms[key] = statistics.median([run() for _ in range(5 + repeats)][5:])
+    fns = {"block_fwd_bwd": block_fwd_bwd, "block_fwd": block_fwd, "head_pair": head_pair}
+    ms = {key: median_ms(fn, device, repeats, warmup=5) for key, fn in fns.items()}
     n, k = GPT_CONFIG["n_layer"], len(CONFIGS[NAME]["patterns"])
     counts = {
         "ours": {"block_fwd_bwd": n + k * n * (n + 1) // 2, "block_fwd": n, "head_pair": 1 + k * n},
@@ -277,8 +276,8 @@ def main() -> None:
         rows[impl] = {"step_ms": median, "q25_ms": q25, "q75_ms": q75, "steps_ms": times[impl],
                       "paired_speedup_quartiles": list(quartiles(paired)), "gflop": gflop[impl],
                       "gflop_s": gflop[impl] / (median / 1e3)}  # fmt: skip
-    results = {"config": NAME, "device": args.device, "threads": args.threads, "precision": args.precision, "steps": args.steps,
-               "warmup": args.warmup,
+    results = {"config": NAME, "device": args.device, "threads": args.threads, "precision": args.precision,
+               "steps": args.steps, "warmup": args.warmup,
                "reference": {"repo": "goodfire-ai/spd", "commit": commit, "python": reference.first.get("python")},
                "checks": checks, "impls": rows, "matmul": matmul, "shared_floor": floor}  # fmt: skip
     print(

@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.proc_memory import proc_status_bytes, reset_peak_rss  # noqa: E402
 from benchmarks.results import run_metadata, write_results  # noqa: E402
+from benchmarks.timing import sync  # noqa: E402
 from lightning_modules.spd.objective import SPDObjective  # noqa: E402
 from tests.helpers.spd_naive import COEFFS, CONFIGS, NaiveSPD, build  # noqa: E402
 
@@ -99,7 +100,6 @@ def make_step(name: str, impl: str, device: str, autocast_bf16: bool = False) ->
             return objective(cm, x, 0.5).total
 
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step() -> None:
         with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast_bf16):
@@ -107,7 +107,7 @@ def make_step(name: str, impl: str, device: str, autocast_bf16: bool = False) ->
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sync()
+        sync(torch.device(device))
 
     return step
 

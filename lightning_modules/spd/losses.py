@@ -198,7 +198,8 @@ class _HeadKL(torch.autograd.Function):
     against a small KL. The matmuls run in the dtype of the weight given, with autocast off: under
     autocast head_kl_loss passes the head cast once per batch to autocast's dtype (KLTarget.head_cast),
     so they run as the head's Linear would under autocast; in a low-precision head or under autocast,
-    softmax(z) - p is formed in float32 before the low-precision matmul.
+    softmax(z) - p is formed in float32 before the low-precision matmul. `buffers` (a float32 head on a
+    CPU only; head_kl_loss passes KLTarget.block_buffers there) take each block's logits and products.
     """
 
     @staticmethod
@@ -220,16 +221,13 @@ class _HeadKL(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         autocast_off = torch.autocast(h.device.type, enabled=False)
         exact = weight.dtype == torch.float32
-        buffers = buffers if exact and h.device.type == "cpu" else None
         for r in range(0, n, rows):
-            p_r = probs[r : r + rows]
-            with autocast_off:  # (rows, V): into a buffer (CPU, float32), else fresh
+            p_r, h_r = probs[r : r + rows], h[r : r + rows].to(weight.dtype)
+            with autocast_off:  # (rows, V): into the buffers when given (CPU, float32 head), else fresh
                 if buffers is None:
-                    z = torch.nn.functional.linear(h[r : r + rows].to(weight.dtype), weight, bias).float()
-                    product = None
+                    z, product = torch.nn.functional.linear(h_r, weight, bias).float(), None
                 else:
                     z, product = (b[: p_r.shape[0]] for b in buffers)
-                    h_r = h[r : r + rows].to(weight.dtype)
                     if bias is None:
                         torch.mm(h_r, weight.t(), out=z)
                     else:
