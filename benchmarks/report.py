@@ -268,6 +268,8 @@ def render_spd_reference_speed(payload: Payload) -> list[str]:
     where = f"cpu, {r['threads']} thread(s)" if device == "cpu" else payload["meta"].get("gpu", device)
     header = ["implementation", "step ms (25th-75th percentile)", "reference / it, paired steps",
               "GFLOP (matmul, attention)", "GFLOP/s"]  # fmt: skip
+    counted = any(row.get("ops") for row in r["impls"].values())
+    header += ["operator calls (syncs)"] if counted else []
     body = []
     for impl, label in SPD_REFERENCE_IMPLS.items():
         row = r["impls"][impl]
@@ -275,6 +277,9 @@ def render_spd_reference_speed(payload: Payload) -> list[str]:
         paired = "-" if impl == "reference" else f"{q50:.2f}x ({q25:.2f}-{q75:.2f})"
         times = f"{row['step_ms']:.0f} ({row['q25_ms']:.0f}-{row['q75_ms']:.0f})"
         body.append([label, times, paired, f"{row['gflop']:.1f}", f"{row['gflop_s']:.0f}"])
+        if counted:
+            ops = row.get("ops")
+            body[-1].append(f"{ops['work']:,} ({ops['syncs']})" if ops else "-")
     checks = r["checks"]
     imp = checks["importance_minimality"]
     terms = ", ".join(
@@ -305,6 +310,23 @@ def render_spd_reference_speed(payload: Payload) -> list[str]:
         f"{m['head_gflop_s']:.0f} GFLOP/s at the output head's shape ({tokens} x {width} x {vocab}), "
         f"{m['square_1024_gflop_s']:.0f} GFLOP/s at 1024 x 1024 x 1024."
     )
+    if counted:
+        ours, ref = r["impls"]["ours"]["ops"], r["impls"]["reference"]["ops"]
+        tail += (
+            f" Operator calls: those of one step's forward and backward that do work, counted below "
+            f"autograd (benchmarks/op_count.py; views and AdamW left out; compiled kernels are not seen, "
+            f"so ours + compile shows none), with the `.item()`-like reads among them in brackets. On a GPU "
+            f"each launches a kernel and each read waits for the queue, and a step of tensors this small "
+            f"is bound by those launches rather than its arithmetic: the reference makes "
+            f"{ref['work'] / ours['work']:.2f}x ours' calls."
+        )
+        gpu_head = r["impls"]["ours"].get("ops_gpu_head")
+        if gpu_head:
+            tail += (
+                f" On a GPU ours runs its output head in one block of rows per KL term (here in blocks "
+                f"sized for the core's cache): counted that way, {gpu_head['work']:,} calls, the "
+                f"reference's {ref['work'] / gpu_head['work']:.2f}x."
+            )
     floor = r.get("shared_floor")
     if floor:
         ms, counts, floors = floor["ms"], floor["counts"], floor["floor_ms"]

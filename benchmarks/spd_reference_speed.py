@@ -16,7 +16,9 @@ tokens x width x vocab) and at 1024 x 1024 x 1024: how far each implementation i
 matmuls can do at all, and so what a given speed-up over the reference would need. And the shared floor
 (shared_floor): the target's blocks and the head's matmuls, which both implementations run on the same
 target, timed alone and counted per step for each: the reference's step over ours' floor bounds the
-speed-up any SPD code could reach on this target.
+speed-up any SPD code could reach on this target. And the operator calls of one step's forward and
+backward (benchmarks/op_count.py; views and AdamW left out): on a GPU each launches a kernel, and a step of
+tensors this small is bound by those launches rather than by its arithmetic.
 
 Checked before timing: the reference's clean forward gives the target's logits (the same target), and its
 importance-minimality term on the same weights equals ours (a deterministic term; the stochastic ones
@@ -39,8 +41,10 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import nn
@@ -48,9 +52,11 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.op_count import count_ops  # noqa: E402
 from benchmarks.results import run_metadata, write_results  # noqa: E402
 from benchmarks.spd_speed import count_gflop, interleave, make_step, quartiles, timed  # noqa: E402
 from benchmarks.timing import sync  # noqa: E402
+from lightning_modules.spd import losses as spd_losses  # noqa: E402
 from lightning_modules.spd.objective import SPDObjective  # noqa: E402
 from tests.helpers.spd_naive import COEFFS, CONFIGS, build  # noqa: E402
 
@@ -115,6 +121,12 @@ class ReferenceWorker:
         self.proc.stdin.write("flops\n")
         self.proc.stdin.flush()
         return float(self._read()["gflop"])
+
+    def ops(self) -> dict[str, Any]:
+        """The operator calls of one step's forward and backward (benchmarks/op_count.py, in the worker)."""
+        self.proc.stdin.write("ops\n")
+        self.proc.stdin.flush()
+        return self._read()
 
     def close(self) -> None:
         self.proc.stdin.write("quit\n")
@@ -189,6 +201,15 @@ def shared_floor(device: str, autocast_bf16: bool = False, repeats: int = 40) ->
     return {"ms": ms, "counts": counts, "floor_ms": floor}
 
 
+def count_ops_gpu_head(autocast_bf16: bool) -> dict[str, Any]:
+    """Ours' operator calls on the CPU with the output head in the row blocks a GPU uses (one per KL term
+    at this size) instead of the CPU's cache-sized ones: the calls ours would launch on a GPU, counted here.
+    The only other CPU-only path of ours in this step, the head's reused block buffers, makes as many calls."""
+    gpu_rows = partial(spd_losses.head_block_rows, "cuda")
+    with mock.patch.object(spd_losses, "head_block_rows", lambda device_type, vocab: gpu_rows(vocab)):
+        return count_ops(make_step(NAME, "ours", "cpu", autocast_bf16).forward_backward)
+
+
 def time_all(
     reference: ReferenceWorker, steps: int, warmup: int, autocast_bf16: bool = False, device: str = "cpu"
 ) -> dict[str, list[float]]:
@@ -239,6 +260,7 @@ def main() -> None:
         try:
             times = time_all(reference, args.steps, args.warmup, bf16, args.device)
             gflop = {"reference": reference.gflop()}
+            ops = {"reference": reference.ops()}
         finally:
             reference.close()
     ref_terms = reference.first["terms"]
@@ -264,6 +286,12 @@ def main() -> None:
     # ours + compile does ours' arithmetic (compiled graphs are not counted by FlopCounterMode)
     gflop |= {impl: count_gflop(NAME, impl, args.device) for impl in ("naive", "ours")}
     gflop["ours_compile"] = gflop["ours"]
+    # compiled kernels run outside the dispatcher: ours + compile is not counted
+    ops |= {
+        impl: count_ops(make_step(NAME, impl, args.device, bf16).forward_backward)
+        for impl in ("naive", "ours")
+    }
+    ours_gpu_head = count_ops_gpu_head(bf16) if args.device == "cpu" else None
     tokens = CONFIGS[NAME]["batch"] * CONFIGS[NAME]["seq"]
     matmul = {"head_shape": [tokens, GPT_CONFIG["n_embd"], GPT_CONFIG["vocab_size"]],
               "head_gflop_s": matmul_gflop_s(tokens, GPT_CONFIG["n_embd"], GPT_CONFIG["vocab_size"], args.device),
@@ -275,7 +303,9 @@ def main() -> None:
         paired = [r / t for r, t in zip(times["reference"], times[impl])]
         rows[impl] = {"step_ms": median, "q25_ms": q25, "q75_ms": q75, "steps_ms": times[impl],
                       "paired_speedup_quartiles": list(quartiles(paired)), "gflop": gflop[impl],
-                      "gflop_s": gflop[impl] / (median / 1e3)}  # fmt: skip
+                      "gflop_s": gflop[impl] / (median / 1e3), "ops": ops.get(impl)}  # fmt: skip
+    if ours_gpu_head is not None:
+        rows["ours"]["ops_gpu_head"] = ours_gpu_head
     results = {"config": NAME, "device": args.device, "threads": args.threads, "precision": args.precision,
                "steps": args.steps, "warmup": args.warmup,
                "reference": {"repo": "goodfire-ai/spd", "commit": commit, "python": reference.first.get("python")},

@@ -9,7 +9,8 @@ loss terms, backward, AdamW (as `spd/run_spd.py`'s `optimize` does it).
 
 Protocol (stdin / stdout, one JSON object per line): after building, the worker prints
 {"ready": ..., "terms": the first step's loss terms, "target_out_abs_sum": ...}; then each line "step"
-runs one step and answers {"ms": its wall time}; "flops" runs one step under torch's FlopCounterMode and
+runs one step and answers {"ms": its wall time}; "ops" counts the operator calls of one step's forward and
+backward (benchmarks/op_count.py); "flops" runs one step under torch's FlopCounterMode and
 answers {"gflop": its matmul / attention GFLOP}; "quit" ends it.
 
 The reference needs Python 3.13. On an older Python (3.11 here) the worker imports it through a loader
@@ -220,7 +221,7 @@ def build(state_path: str, spec: dict[str, Any]) -> Any:
         StochasticReconLayerwiseLossConfig(coeff=coeffs["stochastic_recon_layerwise"]),
     ]
 
-    def step(autocast_bf16: bool = False) -> tuple[dict[str, float], float]:
+    def forward_backward(autocast_bf16: bool = False) -> tuple[dict[str, float], Any]:
         optimizer.zero_grad()
         weight_deltas = model.calc_weight_deltas()
         # the forward under bfloat16 autocast when asked, the backward outside it, as spd/run_spd.py
@@ -236,9 +237,14 @@ def build(state_path: str, spec: dict[str, Any]) -> Any:
                 output_loss_type=spec["loss"],
             )  # fmt: skip
         total.backward()
-        optimizer.step()
-        return terms, float(out.output.float().abs().sum())  # float() waits for the GPU
+        return terms, out.output
 
+    def step(autocast_bf16: bool = False) -> tuple[dict[str, float], float]:
+        terms, output = forward_backward(autocast_bf16)
+        optimizer.step()
+        return terms, float(output.float().abs().sum())  # float() waits for the GPU
+
+    step.forward_backward = forward_backward  # the loss's forward and backward alone (operator counts)
     return step
 
 
@@ -271,6 +277,11 @@ def main() -> None:
             with FlopCounterMode(display=False) as counter:
                 step(autocast_bf16)
             print(json.dumps({"gflop": counter.get_total_flops() / 1e9}), flush=True)
+            continue
+        if command == "ops":
+            from benchmarks.op_count import count_ops
+
+            print(json.dumps(count_ops(lambda: step.forward_backward(autocast_bf16))), flush=True)
             continue
         start = time.perf_counter()
         step(autocast_bf16)

@@ -138,3 +138,26 @@ def test_spd_reference_speed_bounds_the_speedup_by_the_shared_floor() -> None:
     tail = report.render_spd_reference_speed(payload)[-1]
     assert "ours runs 44 + 4 blocks and 17 head pairs (332 ms), the reference 68 + 4 and 17 (452 ms)" in tail
     assert "2.95x, bounds" in tail and "(its step less its floor, 218 ms) at 158 ms or less" in tail
+
+
+def test_spd_reference_speed_counts_operator_calls_where_recorded() -> None:
+    """Operator calls per implementation appear as a column (and their ratio) only when the run counted them."""
+    payload = json.loads((RESULTS_DIR / "spd_reference_speed_cpu_bf16.json").read_text())
+    impls = payload["results"]["impls"]
+    for row in impls.values():
+        row.pop("ops", None)
+        row.pop("ops_gpu_head", None)
+    lines = report.render_spd_reference_speed(payload)
+    assert not any("operator calls" in line for line in lines)
+    for impl, work in (("reference", 9000), ("naive", 8000), ("ours", 3600)):
+        impls[impl]["ops"] = {"work": work, "syncs": 3, "views": 0, "by_op": {}}
+    impls["ours_compile"]["ops"] = None  # compiled kernels are not counted
+    lines = report.render_spd_reference_speed(payload)
+    table = [line for line in lines if line.startswith("|")]
+    assert table[0].endswith("| operator calls (syncs) |")
+    assert "| 3,600 (3) |" in next(line for line in table if line.startswith("| ours |"))
+    assert next(line for line in table if line.startswith("| ours + compile |")).endswith("| - |")
+    assert "the reference makes 2.50x ours' calls" in lines[-1] and "counted that way" not in lines[-1]
+    impls["ours"]["ops_gpu_head"] = {"work": 3000, "syncs": 0, "views": 0, "by_op": {}}
+    tail = report.render_spd_reference_speed(payload)[-1]
+    assert "counted that way, 3,000 calls, the reference's 3.00x" in tail
