@@ -266,6 +266,7 @@ def render_spd_reference_speed(payload: Payload) -> list[str]:
     ref = r["reference"]
     device = r.get("device", "cpu")
     where = f"cpu, {r['threads']} thread(s)" if device == "cpu" else payload["meta"].get("gpu", device)
+    tokens = f" at {r['batch']} x {r['seq']} tokens" if "batch" in r else ""  # recorded since 2026-12-04
     header = ["implementation", "step ms (25th-75th percentile)", "reference / it, paired steps",
               "GFLOP (matmul, attention)", "GFLOP/s"]  # fmt: skip
     counted = any(row.get("ops") for row in r["impls"].values())
@@ -287,7 +288,7 @@ def render_spd_reference_speed(payload: Payload) -> list[str]:
         for k in ("stochastic_recon", "stochastic_recon_layerwise")
     )
     head = (
-        f"The tiny LM's SPD training step (forward + backward + AdamW) on {where}, "
+        f"The tiny LM's SPD training step{tokens} (forward + backward + AdamW) on {where}, "
         f"{PRECISION_WORDS[r.get('precision', '32-true')]}: "
         f"median of {r['steps']} steps each, one step of each implementation in turn; the reference is "
         f"goodfire-ai/spd at `{ref['commit'][:8]}` (Python {ref.get('python') or '?'}) in its own process. "

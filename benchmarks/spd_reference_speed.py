@@ -29,7 +29,8 @@ draw different random masks in the two codes, so their values are only shown).
 The reference wants Python 3.13; on 3.11 its worker loads it through a rewriting import hook (see the
 worker). A venv for it: torch (the same build), "transformers<5", jaxtyping, einops, "pydantic<2.12",
 wandb, python-dotenv, scipy, matplotlib, fire, tqdm. Writes benchmarks/results/spd_reference_speed_cpu.json
-(spd_reference_speed_cpu_bf16.json with --precision bf16-mixed).
+(spd_reference_speed_cpu_bf16.json with --precision bf16-mixed; a _b<batch>x<seq> suffix with another
+--batch / --seq, e.g. --batch 1 --seq 4 for the overhead-bound regime of a small step).
 """
 
 from __future__ import annotations
@@ -237,9 +238,20 @@ def main() -> None:
         help="bf16-mixed: every implementation's forward under bfloat16 autocast (the reference's default, "
         "`autocast_bf16: true`; ours as Lightning's bf16-mixed); the loss checks stay in float32",
     )  # fmt: skip
+    parser.add_argument(
+        "--batch", type=int, default=CONFIGS[NAME]["batch"], help="sequences per step (the tiny LM's: 8)"
+    )
+    parser.add_argument(
+        "--seq", type=int, default=CONFIGS[NAME]["seq"], help="tokens per sequence (the tiny LM's: 64)"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    shape = (args.batch, args.seq)
+    default_shape = (CONFIGS[NAME]["batch"], CONFIGS[NAME]["seq"])
+    # e.g. --batch 1 --seq 4: the arithmetic becomes negligible and the step measures each implementation's
+    # per-call overhead (Python, dispatch, autograd), the part of a small step a GPU cannot hide
+    CONFIGS[NAME].update(batch=args.batch, seq=args.seq)  # this process's builds (and the state it saves)
     commit = (
         args.reference_commit
         or subprocess.run(
@@ -306,7 +318,8 @@ def main() -> None:
                       "gflop_s": gflop[impl] / (median / 1e3), "ops": ops.get(impl)}  # fmt: skip
     if ours_gpu_head is not None:
         rows["ours"]["ops_gpu_head"] = ours_gpu_head
-    results = {"config": NAME, "device": args.device, "threads": args.threads, "precision": args.precision,
+    results = {"config": NAME, "batch": args.batch, "seq": args.seq, "device": args.device,
+               "threads": args.threads, "precision": args.precision,
                "steps": args.steps, "warmup": args.warmup,
                "reference": {"repo": "goodfire-ai/spd", "commit": commit, "python": reference.first.get("python")},
                "checks": checks, "impls": rows, "matmul": matmul, "shared_floor": floor}  # fmt: skip
@@ -325,6 +338,7 @@ def main() -> None:
     print(f"shared floor: {json.dumps(floor)}")
     print(f"checks: {json.dumps(checks)}")
     name = f"spd_reference_speed_{args.device}" + ("_bf16" if bf16 else "")
+    name += "" if shape == default_shape else f"_b{args.batch}x{args.seq}"
     write_results(name, meta, results, out=args.out)
 
 

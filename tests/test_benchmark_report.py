@@ -161,3 +161,14 @@ def test_spd_reference_speed_counts_operator_calls_where_recorded() -> None:
     impls["ours"]["ops_gpu_head"] = {"work": 3000, "syncs": 0, "views": 0, "by_op": {}}
     tail = report.render_spd_reference_speed(payload)[-1]
     assert "counted that way, 3,000 calls, the reference's 3.00x" in tail
+
+
+def test_spd_reference_speed_names_its_batch_where_recorded() -> None:
+    """A run at another batch (e.g. the overhead-bound 1 x 4 tokens) says so in its first sentence."""
+    payload = json.loads((RESULTS_DIR / "spd_reference_speed_cpu.json").read_text())
+    payload["results"].pop("batch", None)
+    payload["results"].pop("seq", None)
+    assert "tokens (forward" not in report.render_spd_reference_speed(payload)[0]
+    payload["results"] |= {"batch": 1, "seq": 4}
+    head = report.render_spd_reference_speed(payload)[0]
+    assert head.startswith("The tiny LM's SPD training step at 1 x 4 tokens (forward + backward + AdamW)")
