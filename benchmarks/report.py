@@ -312,21 +312,21 @@ def render_spd_reference_speed(payload: Payload) -> list[str]:
         f"{m['square_1024_gflop_s']:.0f} GFLOP/s at 1024 x 1024 x 1024."
     )
     if counted:
-        ours, ref = r["impls"]["ours"]["ops"], r["impls"]["reference"]["ops"]
+        ours_ops, ref_ops = r["impls"]["ours"]["ops"], r["impls"]["reference"]["ops"]
         tail += (
             f" Operator calls: those of one step's forward and backward that do work, counted below "
             f"autograd (benchmarks/op_count.py; views and AdamW left out; compiled kernels are not seen, "
             f"so ours + compile shows none), with the `.item()`-like reads among them in brackets. On a GPU "
             f"each launches a kernel and each read waits for the queue, and a step of tensors this small "
             f"is bound by those launches rather than its arithmetic: the reference makes "
-            f"{ref['work'] / ours['work']:.2f}x ours' calls."
+            f"{ref_ops['work'] / ours_ops['work']:.2f}x ours' calls."
         )
         gpu_head = r["impls"]["ours"].get("ops_gpu_head")
         if gpu_head:
             tail += (
                 f" On a GPU ours runs its output head in one block of rows per KL term (here in blocks "
                 f"sized for the core's cache): counted that way, {gpu_head['work']:,} calls, the "
-                f"reference's {ref['work'] / gpu_head['work']:.2f}x."
+                f"reference's {ref_ops['work'] / gpu_head['work']:.2f}x."
             )
     floor = r.get("shared_floor")
     if floor:
