@@ -4,8 +4,9 @@ The tiny LM of benchmarks/spd_speed.py (our GPT, 4 layers, 128 wide, vocab 4096,
 decomposed modules, `shared_mlp` CIs; importance minimality + stochastic + layerwise stochastic
 reconstruction, KL output loss). The reference runs its own code (`ComponentModel`, `compute_total_loss`,
 as in `spd/run_spd.py`) in a worker process (benchmarks/spd_reference_worker.py) under a Python with its
-dependencies, on the same target, batch, V / U and CI-function weights; ours, ours + compile and our
-naive form (tests/helpers/spd_naive.py) run in this process. One step each in turn, the order rotating,
+dependencies, on the same target, batch, V / U and CI-function weights; ours, ours + compile, ours with
+the layerwise term batched (`layerwise_batch` = all 16 modules), that + compile, and our naive form
+(tests/helpers/spd_naive.py) run in this process. One step each in turn, the order rotating,
 so a shared machine's load hits all alike; medians, quartiles, and the quartiles of the ratio of each
 reference step to the ours step next to it.
 
@@ -62,7 +63,7 @@ from lightning_modules.spd.objective import SPDObjective  # noqa: E402
 from tests.helpers.spd_naive import COEFFS, CONFIGS, build  # noqa: E402
 
 NAME = "tiny_lm"
-IMPLS = ("reference", "naive", "ours", "ours_compile")
+IMPLS = ("reference", "naive", "ours", "ours_compile", "ours_batched", "ours_batched_compile")
 GPT_CONFIG = {"block_size": 256, "vocab_size": 4096, "n_layer": 4, "n_head": 4, "n_embd": 128}
 P = 1.0  # the importance exponent of both (the naive form's)
 
@@ -202,13 +203,13 @@ def shared_floor(device: str, autocast_bf16: bool = False, repeats: int = 40) ->
     return {"ms": ms, "counts": counts, "floor_ms": floor}
 
 
-def count_ops_gpu_head(autocast_bf16: bool) -> dict[str, Any]:
+def count_ops_gpu_head(autocast_bf16: bool, impl: str = "ours") -> dict[str, Any]:
     """Ours' operator calls on the CPU with the output head in the row blocks a GPU uses (one per KL term
     at this size) instead of the CPU's cache-sized ones: the calls ours would launch on a GPU, counted here.
     The only other CPU-only path of ours in this step, the head's reused block buffers, makes as many calls."""
     gpu_rows = partial(spd_losses.head_block_rows, "cuda")
     with mock.patch.object(spd_losses, "head_block_rows", lambda device_type, vocab: gpu_rows(vocab)):
-        return count_ops(make_step(NAME, "ours", "cpu", autocast_bf16).forward_backward)
+        return count_ops(make_step(NAME, impl, "cpu", autocast_bf16).forward_backward)
 
 
 def time_all(
@@ -296,14 +297,15 @@ def main() -> None:
     if checks["target_out_rel_diff"] > 1e-5 or imp["rel_diff"] > 1e-4:
         raise AssertionError(f"the reference and ours disagree where they must not: {checks}")
     # ours + compile does ours' arithmetic (compiled graphs are not counted by FlopCounterMode)
-    gflop |= {impl: count_gflop(NAME, impl, args.device) for impl in ("naive", "ours")}
-    gflop["ours_compile"] = gflop["ours"]
+    gflop |= {impl: count_gflop(NAME, impl, args.device) for impl in ("naive", "ours", "ours_batched")}
+    gflop["ours_compile"], gflop["ours_batched_compile"] = gflop["ours"], gflop["ours_batched"]
     # compiled kernels run outside the dispatcher: ours + compile is not counted
     ops |= {
         impl: count_ops(make_step(NAME, impl, args.device, bf16).forward_backward)
-        for impl in ("naive", "ours")
+        for impl in ("naive", "ours", "ours_batched")
     }
-    ours_gpu_head = count_ops_gpu_head(bf16) if args.device == "cpu" else None
+    gpu_head = {impl: count_ops_gpu_head(bf16, impl) for impl in ("ours", "ours_batched")}
+    gpu_head = gpu_head if args.device == "cpu" else {}
     tokens = CONFIGS[NAME]["batch"] * CONFIGS[NAME]["seq"]
     matmul = {"head_shape": [tokens, GPT_CONFIG["n_embd"], GPT_CONFIG["vocab_size"]],
               "head_gflop_s": matmul_gflop_s(tokens, GPT_CONFIG["n_embd"], GPT_CONFIG["vocab_size"], args.device),
@@ -316,9 +318,10 @@ def main() -> None:
         rows[impl] = {"step_ms": median, "q25_ms": q25, "q75_ms": q75, "steps_ms": times[impl],
                       "paired_speedup_quartiles": list(quartiles(paired)), "gflop": gflop[impl],
                       "gflop_s": gflop[impl] / (median / 1e3), "ops": ops.get(impl)}  # fmt: skip
-    if ours_gpu_head is not None:
-        rows["ours"]["ops_gpu_head"] = ours_gpu_head
+    for impl, counted in gpu_head.items():
+        rows[impl]["ops_gpu_head"] = counted
     results = {"config": NAME, "batch": args.batch, "seq": args.seq, "device": args.device,
+               "modules": len(CONFIGS[NAME]["patterns"]) * GPT_CONFIG["n_layer"],
                "threads": args.threads, "precision": args.precision,
                "steps": args.steps, "warmup": args.warmup,
                "reference": {"repo": "goodfire-ai/spd", "commit": commit, "python": reference.first.get("python")},

@@ -89,10 +89,10 @@ def make_step(name: str, impl: str, device: str, autocast_bf16: bool = False) ->
             terms = model.losses(x, loss_type, p)
             return sum(COEFFS[k] * v for k, v in terms.items())
     else:
-        objective = SPDObjective(dict(COEFFS), output_loss_type=loss_type)
-        if impl == "ours_compile":  # as SPDLightningModule's compile
-            for m in [*cm.ci_fns.values(), *cm.components.values()]:
-                m.compile()
+        batch = len(cm.module_names) if "batched" in impl else 1  # all layerwise forwards in one
+        objective = SPDObjective(dict(COEFFS), output_loss_type=loss_type, layerwise_batch=batch)
+        if impl.endswith("compile"):  # as SPDLightningModule's compile
+            cm.compile_causal_importances()
             cm.compiled_kl = True
         params = [*cm.components.parameters(), *cm.ci_fns.parameters()]
 

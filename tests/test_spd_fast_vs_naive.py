@@ -7,15 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from datamodules.sparse_features import sparse_feature_batch
 from lightning_modules.common.targets import decoder_layers
-from lightning_modules.gpt.config import GPTConfig
-from lightning_modules.gpt.model import GPT
 from lightning_modules.spd.component_model import ComponentModel
 from lightning_modules.spd.objective import SPDObjective
-from lightning_modules.spd.targets import HFCausalLM
-from lightning_modules.spd.toy_models import ResidMLP, TMSModel
 from tests.helpers.spd_naive import COEFFS, NaiveSPD, build
+from tests.helpers.spd_targets import tiny_target_and_batch
 
 
 @pytest.mark.parametrize("config", ["tms_5-2", "tiny_lm"])
@@ -57,36 +53,6 @@ RECON_COEFFS = {
 }
 
 
-def _target_and_batch(kind: str) -> tuple[nn.Module, torch.Tensor, dict[str, int], str]:
-    """A tiny target of each family, a batch, decomposition patterns and the output loss type."""
-    torch.manual_seed(0)
-    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
-    if kind == "gpt":
-        target = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=3, n_head=2, n_embd=16))
-        return target, ids, {"transformer.h.*.attn.*": 4, "transformer.h.*.mlp.*": 5}, "kl"
-    if kind == "tms":
-        target = TMSModel(5, 2, n_hidden_layers=1, tied=False, identity_insert=True)
-        x = sparse_feature_batch(32, 5, 0.2, torch.Generator().manual_seed(1))
-        return target, x, {"linear1": 3, "identity": 2, "hidden_layers.0": 2, "linear2": 3}, "mse"
-    if kind == "resid_mlp":
-        target = ResidMLP(6, 4, 8, n_layers=3, act="gelu", in_bias=True, out_bias=True)
-        x = sparse_feature_batch(32, 6, 0.2, torch.Generator().manual_seed(1))
-        return target, x, {"layers.*.mlp_in": 3, "layers.*.mlp_out": 3}, "mse"
-    transformers = pytest.importorskip("transformers")
-    if kind == "hf_gpt2":
-        config = transformers.GPT2Config(
-            vocab_size=64, n_positions=16, n_embd=16, n_layer=3, n_head=2, bos_token_id=0, eos_token_id=0
-        )
-        patterns = {"transformer.h.*.attn.c_*": 4, "transformer.h.*.mlp.c_*": 5}
-        return HFCausalLM(transformers.GPT2LMHeadModel(config).eval()), ids, patterns, "kl"
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=3, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=16,
-    )  # fmt: skip
-    patterns = {"model.layers.*.self_attn.*_proj": 3, "model.layers.*.mlp.*_proj": 4}
-    return HFCausalLM(transformers.LlamaForCausalLM(config).eval()), ids, patterns, "kl"
-
-
 def _objective_grads(cm: ComponentModel, x: torch.Tensor, loss_type: str) -> tuple[dict, list]:
     objective = SPDObjective(dict(RECON_COEFFS), output_loss_type=loss_type, n_mask_samples=2)
     torch.manual_seed(123)
@@ -98,7 +64,7 @@ def _objective_grads(cm: ComponentModel, x: torch.Tensor, loss_type: str) -> tup
 
 @pytest.mark.parametrize("kind", ["gpt", "tms", "resid_mlp", "hf_gpt2", "hf_llama"])
 def test_clean_prefix_reuse_gives_equal_losses_and_gradients(kind):
-    target, x, patterns, loss_type = _target_and_batch(kind)
+    target, x, patterns, loss_type = tiny_target_and_batch(kind)
     target = target.double()
     x = x.double() if x.is_floating_point() else x
     models = []

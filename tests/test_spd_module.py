@@ -323,8 +323,7 @@ def test_lm_bf16_mixed_through_the_trainer(tmp_path):
     assert module.cm.component("transformer.h.0.mlp.c_fc").V.dtype == torch.float32  # weights stay fp32
 
 
-@pytest.mark.slow
-def test_compiled_ci_functions_and_components_match_eager(tms_target):
+def test_compiled_causal_importances_match_eager(tms_target):
     eager = spd_module(tms_target, faithfulness_warmup={"steps": 0})
     compiled = spd_module(tms_target, faithfulness_warmup={"steps": 0}, compile=True)
     eager.build()
@@ -332,12 +331,17 @@ def test_compiled_ci_functions_and_components_match_eager(tms_target):
     compiled.cm.load_state_dict(eager.cm.state_dict())
     compiled.configure_model()
     assert compiled.cm.compiled_kl and not eager.cm.compiled_kl  # the KL terms' blocks too (LMs)
+    assert compiled.cm._compiled_ci is not None and eager.cm._compiled_ci is None
     x = SparseFeatureDataModule(5, 0.2, batch_size=64).val_dataloader().dataset[0]
-    outs = []
+    outs, grads = [], []
     for module in (eager, compiled):
         torch.manual_seed(0)
         outs.append(module.objective(module.cm, x, 0.5).total)
+        outs[-1].backward()
+        grads.append([p.grad for p in (*module.cm.components.parameters(), *module.cm.ci_fns.parameters())])
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * (a.abs().max().item() + 1e-12))
 
 
 def test_gpt_checkpoint_target_and_vocab_check(tmp_path):

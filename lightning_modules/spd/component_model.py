@@ -51,6 +51,21 @@ class _CallState:
     replaced: frozenset[str] = frozenset()  # masked modules whose forward computes the components only
     clean_out: dict[str, Tensor] = field(default_factory=dict)  # a masked module's clean output (clean input)
     head_inputs: list[Tensor] = field(default_factory=list)  # the output head's inputs (head_input=True)
+    row_slices: dict[str, tuple[int, int]] = field(default_factory=dict)  # module -> its masked rows
+
+
+def _check_row_slices(slices: dict[str, tuple[int, int]], routing: dict[str, Tensor]) -> None:
+    """Row slices are (start, stop) with 0 <= start < stop, pairwise disjoint, and not mixed with routing."""
+    both = set(slices) & set(routing)
+    if both:
+        raise ValueError(f"modules {sorted(both)} have both a routing mask and a row slice")
+    spans = sorted((tuple(rows), name) for name, rows in slices.items())
+    for (start, stop), name in spans:
+        if not 0 <= start < stop:
+            raise ValueError(f"row_slices[{name!r}] = {(start, stop)}: need 0 <= start < stop")
+    for ((_, stop), first), ((start, _), second) in zip(spans, spans[1:]):
+        if start < stop:
+            raise ValueError(f"row_slices of {first!r} and {second!r} overlap")
 
 
 def _tensors(value: Any) -> Iterator[Tensor]:
@@ -234,6 +249,8 @@ class ComponentModel(nn.Module):
         # the KL terms' per-block passes fused by torch.compile (losses.compiled_kl_block); set by
         # SPDLightningModule's `compile`
         self.compiled_kl = False
+        # calc_causal_importances as one torch.compile'd function (compile_causal_importances)
+        self._compiled_ci: Callable[..., tuple[dict[str, Tensor], dict[str, Tensor]]] | None = None
         self._clean_prefix: CleanPrefix | None = None
         self._target_weight_cache: dict[str, tuple[tuple[Any, ...], Tensor]] = {}
         self._hook_handles = [
@@ -305,6 +322,7 @@ class ComponentModel(nn.Module):
         masks: dict[str, Tensor] | None = None,
         weight_deltas_and_masks: dict[str, WeightDeltaAndMask] | None = None,
         routing_masks: dict[str, Tensor] | None = None,
+        row_slices: dict[str, tuple[int, int]] | None = None,
         cache_acts: bool = False,
         reuse_clean_prefix: bool = False,
         head_input: bool = False,
@@ -315,6 +333,11 @@ class ComponentModel(nn.Module):
         masks[name] (..., C) (or broadcastable) masks module `name`'s component acts; a module with a
         mask may also get (delta (d_out, d_in), delta_mask (...) or None) in weight_deltas_and_masks;
         routing_masks[name] (...) bool picks, per position, components (True) or the target (False).
+        row_slices[name] = (start, stop) runs module `name` through its components on rows start:stop of
+        its input's first (batch) dim only, the target on the others; its mask and delta mask are then
+        those rows' (their first dim stop - start). Disjoint slices batch forwards that would each mask one
+        module into one forward (losses.stochastic_recon_loss's batched layerwise term); the target must
+        treat the rows of its batch independently (transformers and the toy models do).
         With cache_acts, returns OutputWithCache whose cache holds every decomposed module's input.
         With reuse_clean_prefix (masked forwards without cache_acts), the module calls upstream of the
         first masked module return the outputs recorded by the last clean cache_acts forward when it ran
@@ -324,23 +347,28 @@ class ComponentModel(nn.Module):
         """
         if head_input and (self.output_head is None or cache_acts or masks is None):
             raise ValueError("head_input needs output_head set, masks and no cache_acts")
-        clean = masks is None and not weight_deltas_and_masks and not routing_masks
+        clean = masks is None and not weight_deltas_and_masks and not routing_masks and not row_slices
         if clean and cache_acts and self.record_clean_prefix and self._state is None:
             return self._traced_clean_forward(args, kwargs)
         if masks is None and not cache_acts:
-            if weight_deltas_and_masks or routing_masks:
-                raise ValueError("weight_deltas_and_masks / routing_masks need masks")
+            if weight_deltas_and_masks or routing_masks or row_slices:
+                raise ValueError("weight_deltas_and_masks / routing_masks / row_slices need masks")
             return self._extract_output(self.target_model(*args, **kwargs))
         masks = masks or {}
         deltas = weight_deltas_and_masks or {}
         routing = routing_masks or {}
-        for what, d in (("masks", masks), ("weight_deltas_and_masks", deltas), ("routing_masks", routing)):
+        slices = row_slices or {}
+        named = (("masks", masks), ("weight_deltas_and_masks", deltas), ("routing_masks", routing))
+        for what, d in (*named, ("row_slices", slices)):
             unknown = set(d) - set(self.module_to_c)
             if unknown:
                 raise ValueError(f"{what} has non-decomposed modules {sorted(unknown)}")
-        unmasked = (set(deltas) | set(routing)) - set(masks)
+        unmasked = (set(deltas) | set(routing) | set(slices)) - set(masks)
         if unmasked:
-            raise ValueError(f"modules {sorted(unmasked)} have a weight delta or routing mask but no mask")
+            raise ValueError(
+                f"modules {sorted(unmasked)} have a weight delta, routing mask or row slice but no mask"
+            )
+        _check_row_slices(slices, routing)
         if self._state is not None:
             raise RuntimeError("ComponentModel.forward is not re-entrant")
         cache: dict[str, Tensor] | None = {} if cache_acts else None
@@ -353,13 +381,13 @@ class ComponentModel(nn.Module):
         # a masked module without routing needs no target output: its forward computes only the components
         # (not under autocast, whose output dtype the hook takes from the target's output)
         autocast = any(torch.is_autocast_enabled(d) for d in {"cpu", self._device_type})
-        replaced = frozenset() if autocast else frozenset(set(masks) - set(routing))
+        replaced = frozenset() if autocast else frozenset(set(masks) - set(routing) - set(slices))
         forwards: dict[nn.Module, Callable[..., Any]] = {m: _returning(out) for m, out in skips}
         forwards |= {self._modules_by_name[n]: partial(self._component_forward, name=n) for n in replaced}
         if head_input:
             forwards[self._head] = self._head_capture
         shadowed = [(module, module.__dict__.get("forward")) for module in forwards]
-        self._state = _CallState(masks, deltas, routing, cache, replaced, clean_out)
+        self._state = _CallState(masks, deltas, routing, cache, replaced, clean_out, row_slices=slices)
         try:
             for module, forward in forwards.items():
                 module.forward = forward  # an instance attribute shadows the class's forward
@@ -450,25 +478,32 @@ class ComponentModel(nn.Module):
         mask = state.masks.get(name)
         if mask is None or name in state.replaced:
             return None
+        rows = state.row_slices.get(name)
+        if rows is not None:  # components on these rows; the target's own output there gives the delta
+            start, stop = rows
+            out = self._masked_output(module, name, x[start:stop], output.dtype, clean=output[start:stop])
+            return torch.slice_scatter(output, out, dim=0, start=start, end=stop)
         out = self._masked_output(module, name, x, output.dtype)
         route = state.routing.get(name)
         if route is not None:
             out = torch.where(route.unsqueeze(-1), out, output)
         return out
 
-    def _masked_output(self, module: nn.Module, name: str, x: Tensor, dtype: torch.dtype) -> Tensor:
+    def _masked_output(
+        self, module: nn.Module, name: str, x: Tensor, dtype: torch.dtype, clean: Tensor | None = None
+    ) -> Tensor:
         """Module `name`'s output through its masked components (+ masked delta, + the target's bias).
 
-        With the module's clean output y = x W^T + b at hand (its input x is the clean one), the delta
-        term needs no matmul: x Delta^T = y - b - g U with g = x V, so
-        out = (g * (mask - r)) U + r y + (1 - r) b, the same function of V, U and the mask."""
+        With the target's output y = x W^T + b on this very input x at hand (`clean`, or the clean forward's
+        record when x is the clean input), the delta term needs no matmul: x Delta^T = y - b - g U with
+        g = x V, so out = (g * (mask - r)) U + r y + (1 - r) b, the same function of V, U, the mask and x."""
         state = self._state
         delta, delta_mask = state.deltas.get(name, (None, None))
         mask = state.masks[name]
         comp = self.component(name)
         bias = getattr(module, "bias", None)
         bias = bias if isinstance(bias, Tensor) and module_kind(module) != "embedding" else None
-        clean = state.clean_out.get(name)
+        clean = state.clean_out.get(name) if clean is None else clean
         if delta is None or clean is None:
             out = comp(x, mask=mask, weight_delta=delta, delta_mask=delta_mask)
             return (out if bias is None else out + bias).to(dtype)
@@ -524,6 +559,13 @@ class ComponentModel(nn.Module):
         fn = get_sigmoid(sigmoid_type)
         return fn, fn
 
+    def compile_causal_importances(self) -> None:
+        """Run calc_causal_importances as one torch.compile'd function: every module's CI function,
+        sigmoids included, in one compiled graph (forward and backward) instead of ~60 small operator
+        calls per module. One graph rather than one per CI function: each compiled call costs its guards,
+        which per module outweigh what a small CI function's fusion saves."""
+        self._compiled_ci = torch.compile(self._causal_importances)
+
     def calc_causal_importances(
         self,
         pre_weight_acts: dict[str, Tensor],
@@ -537,7 +579,14 @@ class ComponentModel(nn.Module):
         reconstruction, L0) and upper-leaky for ci_upper (importance minimality). With binomial
         sampling, ci_lower uses 1.05 s - 0.05 u (u ~ U(0, 1)) as the reference does.
         """
-        lower_fn, upper_fn = self._lower_and_upper_sigmoids(sigmoid_type or self.sigmoid_type)
+        fn = self._compiled_ci or self._causal_importances
+        return fn(pre_weight_acts, sigmoid_type or self.sigmoid_type, detach_inputs, sampling)
+
+    def _causal_importances(
+        self, pre_weight_acts: dict[str, Tensor], sigmoid_type: str, detach_inputs: bool, sampling: Sampling
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """calc_causal_importances' computation (compiled or not)."""
+        lower_fn, upper_fn = self._lower_and_upper_sigmoids(sigmoid_type)
         ci_lower: dict[str, Tensor] = {}
         ci_upper: dict[str, Tensor] = {}
         for name, x in pre_weight_acts.items():

@@ -147,9 +147,16 @@ class ObjectiveConfig:
     subset_routing: str = "uniform_k_subset"  # or static_probability: each module routed with p
     subset_routing_p: float | None = None  # static_probability's p
     pgd: PGDSettings = field(default_factory=PGDSettings)
+    # stochastic_recon_layerwise: modules per forward (1: one forward per module, from the clean prefix;
+    # k > 1: k modules' forwards batched into one, k times fewer kernel launches, k times the activations)
+    layerwise_batch: int = 1
 
     def __post_init__(self) -> None:
         self.loss_coeffs = check_loss_coeffs(self.loss_coeffs)
+        if self.layerwise_batch < 1:
+            raise ValueError(
+                f"layerwise_batch must be >= 1 (1: one forward per module), got {self.layerwise_batch}"
+            )
         if isinstance(self.pgd, dict):
             self.pgd = PGDSettings(**self.pgd)
         if self.subset_routing not in SUBSET_ROUTINGS:

@@ -88,7 +88,8 @@ class SPDLightningModule(pl.LightningModule):
             which also applies to the CI functions). Not in the reference's recipes: with AdamW's
             decoupled decay it shrinks what no loss holds up, such as the input side V of a component
             whose weight V U has gone to ~0 (docs/spd.md, alive detail).
-        compile: torch.compile the CI functions and components (in configure_model), and the KL terms'
+        compile: torch.compile the causal importances, every module's CI function and sigmoids as one
+            graph (ComponentModel.compile_causal_importances, in configure_model), and the KL terms'
             per-block passes (losses.compiled_kl_block).
         cpu_threads: torch.set_num_threads on CPU runs (None: leave it); toys run fastest on 1 thread.
         flat: the groups' fields as flat arguments (`ci_fn_type`, `faithfulness_warmup_steps`,
@@ -216,8 +217,7 @@ class SPDLightningModule(pl.LightningModule):
     def configure_model(self) -> None:
         cm = self.build()
         if self.hparams.compile and not self._compiled:
-            for module in [*cm.ci_fns.values(), *cm.components.values()]:
-                module.compile()
+            cm.compile_causal_importances()
             cm.compiled_kl = True
             self._compiled = True
 

@@ -80,7 +80,7 @@ class SPDObjective(ObjectiveConfig):
                 )  # fmt: skip
             elif name in RECON_ROUTING:
                 terms[name] = L.stochastic_recon_loss(
-                    model, batch, recon_target, sampler, out_type, RECON_ROUTING[name]
+                    model, batch, recon_target, sampler, out_type, RECON_ROUTING[name], self.layerwise_batch
                 )
             elif name == "ci_masked_recon":
                 terms[name] = L.ci_masked_recon_loss(model, batch, recon_target, ci, out_type)
