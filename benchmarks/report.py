@@ -250,8 +250,8 @@ SPD_REFERENCE_IMPLS = {
     "naive": "our naive form",
     "ours": "ours",
     "ours_compile": "ours + compile",
-    "ours_batched": "ours, layerwise batched",
-    "ours_batched_compile": "ours, layerwise batched + compile",
+    "ours_launch": "ours, launch-bound settings",
+    "ours_launch_compile": "ours, launch-bound settings + compile",
 }
 
 
@@ -276,7 +276,7 @@ def render_spd_reference_speed(payload: Payload) -> list[str]:
     body = []
     for impl, label in SPD_REFERENCE_IMPLS.items():
         row = r["impls"].get(impl)
-        if row is None:  # the batched ones: timed since 2026-12-04
+        if row is None:  # the launch-bound ones: timed since 2026-12-04
             continue
         q25, q50, q75 = row["paired_speedup_quartiles"]
         paired = "-" if impl == "reference" else f"{q50:.2f}x ({q25:.2f}-{q75:.2f})"
@@ -332,14 +332,15 @@ def render_spd_reference_speed(payload: Payload) -> list[str]:
                 f"sized for the core's cache): counted that way, {gpu_head['work']:,} calls, the "
                 f"reference's {ref_ops['work'] / gpu_head['work']:.2f}x."
             )
-        batched = r["impls"].get("ours_batched")
-        if batched:
-            counted_as = batched.get("ops_gpu_head") or batched["ops"]
+        launch = r["impls"].get("ours_launch")
+        if launch:
+            counted_as = launch.get("ops_gpu_head") or launch["ops"]
             tail += (
-                f" Ours, layerwise batched (`layerwise_batch` = all {r.get('modules', 16)} modules: the "
-                f"layerwise term's one-module-masked forwards as one forward of the batch repeated, from the "
-                f"embeddings, so more arithmetic and fewer calls) makes {counted_as['work']:,} calls "
-                f"(the GPU's head blocks), the reference's {ref_ops['work'] / counted_as['work']:.2f}x."
+                f" Ours with the settings for a launch-bound device (`layerwise_batch` = all "
+                f"{r.get('modules', 16)} modules: the layerwise term's forwards as one forward of the batch "
+                f"repeated, from the embeddings, so more arithmetic and fewer calls; "
+                f"`delta_from_target_output`: no W - V U formed) makes {counted_as['work']:,} calls (the GPU's "
+                f"head blocks), the reference's {ref_ops['work'] / counted_as['work']:.2f}x."
             )
     floor = r.get("shared_floor")
     if floor:

@@ -89,9 +89,14 @@ def make_step(name: str, impl: str, device: str, autocast_bf16: bool = False) ->
             terms = model.losses(x, loss_type, p)
             return sum(COEFFS[k] * v for k, v in terms.items())
     else:
-        batch = len(cm.module_names) if "batched" in impl else 1  # all layerwise forwards in one
-        objective = SPDObjective(dict(COEFFS), output_loss_type=loss_type, layerwise_batch=batch)
-        if impl.endswith("compile"):  # as SPDLightningModule's compile
+        # ours_launch*: the settings for a launch-bound device (docs/spd.md): all layerwise forwards in one,
+        # the delta term from the target's output
+        launch = "launch" in impl
+        objective = SPDObjective(
+            dict(COEFFS), output_loss_type=loss_type, layerwise_batch=len(cm.module_names) if launch else 1,
+            delta_from_target_output=launch,
+        )  # fmt: skip
+        if "compile" in impl:  # as SPDLightningModule's compile
             cm.compile_causal_importances()
             cm.compiled_kl = True
         params = [*cm.components.parameters(), *cm.ci_fns.parameters()]

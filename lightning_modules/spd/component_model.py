@@ -30,7 +30,8 @@ from .components import Components, make_components, module_in_out, module_kind,
 from .sigmoids import get_sigmoid
 
 Sampling = Literal["continuous", "binomial"]
-WeightDeltaAndMask = tuple[Tensor, Tensor | None]  # (d_out, d_in) delta, (...) mask or None (= 1)
+# (d_out, d_in) delta or None (taken from the target's output), (...) mask or None (= 1)
+WeightDeltaAndMask = tuple[Tensor | None, Tensor | None]
 
 
 class OutputWithCache(NamedTuple):
@@ -331,7 +332,9 @@ class ComponentModel(nn.Module):
         """Target forward; modules named in `masks` run through their components.
 
         masks[name] (..., C) (or broadcastable) masks module `name`'s component acts; a module with a
-        mask may also get (delta (d_out, d_in), delta_mask (...) or None) in weight_deltas_and_masks;
+        mask may also get (delta (d_out, d_in), delta_mask (...) or None) in weight_deltas_and_masks (a
+        delta of None: the delta term from the target module's own output on the masked input, see
+        _masked_output, no Delta needed);
         routing_masks[name] (...) bool picks, per position, components (True) or the target (False).
         row_slices[name] = (start, stop) runs module `name` through its components on rows start:stop of
         its input's first (batch) dim only, the target on the others; its mask and delta mask are then
@@ -381,7 +384,11 @@ class ComponentModel(nn.Module):
         # a masked module without routing needs no target output: its forward computes only the components
         # (not under autocast, whose output dtype the hook takes from the target's output)
         autocast = any(torch.is_autocast_enabled(d) for d in {"cpu", self._device_type})
-        replaced = frozenset() if autocast else frozenset(set(masks) - set(routing) - set(slices))
+        # (a delta taken from the target's output needs that output, unless the clean prefix recorded it)
+        from_output = {n for n, (d, _) in deltas.items() if d is None and n not in clean_out}
+        replaced = (
+            frozenset() if autocast else frozenset(set(masks) - set(routing) - set(slices) - from_output)
+        )
         forwards: dict[nn.Module, Callable[..., Any]] = {m: _returning(out) for m, out in skips}
         forwards |= {self._modules_by_name[n]: partial(self._component_forward, name=n) for n in replaced}
         if head_input:
@@ -483,7 +490,9 @@ class ComponentModel(nn.Module):
             start, stop = rows
             out = self._masked_output(module, name, x[start:stop], output.dtype, clean=output[start:stop])
             return torch.slice_scatter(output, out, dim=0, start=start, end=stop)
-        out = self._masked_output(module, name, x, output.dtype)
+        delta = state.deltas.get(name)
+        from_output = delta is not None and delta[0] is None  # the delta term from this very output
+        out = self._masked_output(module, name, x, output.dtype, clean=output if from_output else None)
         route = state.routing.get(name)
         if route is not None:
             out = torch.where(route.unsqueeze(-1), out, output)
@@ -499,12 +508,15 @@ class ComponentModel(nn.Module):
         g = x V, so out = (g * (mask - r)) U + r y + (1 - r) b, the same function of V, U, the mask and x."""
         state = self._state
         delta, delta_mask = state.deltas.get(name, (None, None))
+        has_delta = name in state.deltas
         mask = state.masks[name]
         comp = self.component(name)
         bias = getattr(module, "bias", None)
         bias = bias if isinstance(bias, Tensor) and module_kind(module) != "embedding" else None
         clean = state.clean_out.get(name) if clean is None else clean
-        if delta is None or clean is None:
+        if has_delta and delta is None and clean is None:
+            raise RuntimeError(f"{name}: a delta taken from the target's output, but no output at hand")
+        if not has_delta or clean is None:
             out = comp(x, mask=mask, weight_delta=delta, delta_mask=delta_mask)
             return (out if bias is None else out + bias).to(dtype)
         g = comp.component_acts(x)  # (..., C)
@@ -619,13 +631,14 @@ def stochastic_masks(
 
 
 def weight_delta_masks(
-    ci: dict[str, Tensor], weight_deltas: dict[str, Tensor], generator: torch.Generator | None = None
+    ci: dict[str, Tensor], weight_deltas: dict[str, Tensor] | None, generator: torch.Generator | None = None
 ) -> dict[str, WeightDeltaAndMask]:
-    """(delta, r) per module with r ~ U(0, 1) of shape ci[name].shape[:-1] (per example/position)."""
+    """(delta, r) per module with r ~ U(0, 1) of shape ci[name].shape[:-1] (per example/position);
+    weight_deltas None: (None, r), the delta term then taken from the target's output (ComponentModel)."""
     out = {}
     for name, c in ci.items():
         r = torch.rand(c.shape[:-1], generator=generator, device=c.device, dtype=c.dtype)
-        out[name] = (weight_deltas[name], r)
+        out[name] = (None if weight_deltas is None else weight_deltas[name], r)
     return out
 
 

@@ -150,6 +150,10 @@ class ObjectiveConfig:
     # stochastic_recon_layerwise: modules per forward (1: one forward per module, from the clean prefix;
     # k > 1: k modules' forwards batched into one, k times fewer kernel launches, k times the activations)
     layerwise_batch: int = 1
+    # the stochastic terms' delta term r (W - V U) x from the target module's own output on x, as
+    # r (y - b - x V U), instead of forming Delta = W - (V U)^T each step (the reference's way): the same
+    # function, without Delta's matmuls and ~5 operator calls per module; rounding differs
+    delta_from_target_output: bool = False
 
     def __post_init__(self) -> None:
         self.loss_coeffs = check_loss_coeffs(self.loss_coeffs)

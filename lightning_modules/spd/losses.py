@@ -370,6 +370,8 @@ class MaskSampler:
     sampling: Sampling = "continuous"
     n_mask_samples: int = 1
     generator: torch.Generator | None = None
+    # with no weight_deltas: delta masks still drawn, the delta term taken from the target's output
+    delta_from_output: bool = False
 
     def mean(
         self, body: Callable[[dict[str, Tensor], DeltaMasks | None], Iterable[tuple[Tensor, int]]]
@@ -380,7 +382,7 @@ class MaskSampler:
             masks = stochastic_masks(self.ci, self.sampling, self.generator)
             deltas = (
                 None
-                if self.weight_deltas is None
+                if self.weight_deltas is None and not self.delta_from_output
                 else weight_delta_masks(self.ci, self.weight_deltas, self.generator)
             )
             for value, count in body(masks, deltas):

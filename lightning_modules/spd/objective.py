@@ -25,6 +25,14 @@ RECON_ROUTING: dict[str, L.Routing] = {
 }
 
 
+# the terms whose masks MaskSampler draws (and which can take the delta term from the target's output), and
+# those without a delta term
+SAMPLED_TERMS = frozenset(
+    {"importance_minimality", "faithfulness", "ci_masked_recon", "ci_masked_recon_subset",
+     "ci_masked_recon_layerwise", "unmasked_recon", "stochastic_hidden_acts_recon", *RECON_ROUTING}
+)  # fmt: skip
+
+
 class ObjectiveOutput(NamedTuple):
     """Total loss, each term (unweighted), the CIs and the target's clean output and module inputs."""
 
@@ -63,9 +71,18 @@ class SPDObjective(ObjectiveConfig):
         # KL terms share the target's softmax, computed once per batch
         recon_target = L.KLTarget.from_logits(target_out) if self.output_loss_type == "kl" else target_out
         active = {k: c for k, c in self.loss_coeffs.items() if c > 0}
-        deltas = model.weight_deltas() if self.use_delta_component or "faithfulness" in active else None
+        # Delta's values: for faithfulness, and for the delta term unless the sampled terms take it from
+        # the target's output and no other term (routed subset, PGD) needs them
+        from_output = self.use_delta_component and self.delta_from_target_output
+        routed = "stochastic_recon_subset" in active and self.subset_routing != "uniform_k_subset"
+        sampled_only = active.keys() <= SAMPLED_TERMS and not routed
+        values_needed = self.use_delta_component and not (from_output and sampled_only)
+        deltas = model.weight_deltas() if values_needed or "faithfulness" in active else None
         recon_deltas = deltas if self.use_delta_component else None
-        sampler = L.MaskSampler(ci, recon_deltas, self.sampling, self.n_mask_samples, generator)
+        sampler = L.MaskSampler(
+            ci, None if from_output else recon_deltas, self.sampling, self.n_mask_samples, generator,
+            delta_from_output=from_output,
+        )  # fmt: skip
         out_type = self.output_loss_type
         terms: dict[str, Tensor] = {}
         for name in active:
