@@ -69,6 +69,8 @@ CRITERIA: dict[str, Criteria] = {
     "resid_mlp1": Criteria(("layers.*.mlp_in",), alive=100),
     "resid_mlp2": Criteria(("layers.*.mlp_in",), alive=100),
     "resid_mlp3": Criteria(("layers.*.mlp_in",), alive=102),
+    "resid_mlp2_compile": Criteria(("layers.*.mlp_in",), alive=100),
+    "resid_mlp3_compile": Criteria(("layers.*.mlp_in",), alive=102),
 }
 
 # A variant suite decomposes its base suite's target with the base's shipped config and its own overlay,
@@ -78,6 +80,8 @@ VARIANTS: dict[str, str] = {
     "tms_40-10_anneal_fwarm": "tms_40-10",
     "tms_40-10_anneal_fwarm_lrfloor": "tms_40-10",
     "tms_40-10_anneal_fwarm_cwd": "tms_40-10",
+    "resid_mlp2_compile": "resid_mlp2",
+    "resid_mlp3_compile": "resid_mlp3",
 }
 
 

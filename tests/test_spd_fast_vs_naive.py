@@ -13,15 +13,19 @@ from lightning_modules.spd.objective import SPDObjective
 from tests.helpers.spd_naive import COEFFS, NaiveSPD, build
 from tests.helpers.spd_targets import tiny_target_and_batch
 
+# the launch-bound settings (docs/spd.md): every layerwise forward in one, the delta from the target's output
+LAUNCH = {"layerwise_batch": 64, "delta_from_target_output": True}
 
+
+@pytest.mark.parametrize("settings", [{}, LAUNCH], ids=["default", "launch"])
 @pytest.mark.parametrize("config", ["tms_5-2", "tiny_lm"])
-def test_fast_path_matches_naive_losses_and_gradients(config):
+def test_fast_path_matches_naive_losses_and_gradients(config, settings):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         cm, x, loss_type = build(config, "cpu")
         naive = NaiveSPD(cm)
-        objective = SPDObjective(dict(COEFFS), output_loss_type=loss_type)
+        objective = SPDObjective(dict(COEFFS), output_loss_type=loss_type, **settings)
         torch.manual_seed(123)
         ours = objective(cm, x, 0.0)
         torch.manual_seed(123)
