@@ -25,9 +25,9 @@ RECON_ROUTING: dict[str, L.Routing] = {
 }
 
 
-# the terms whose masks MaskSampler draws (and which can take the delta term from the target's output), and
-# those without a delta term
-SAMPLED_TERMS = frozenset(
+# the terms that need no Delta = W - V U values when the sampled terms (MaskSampler's) take the delta term
+# from the target's output: those, and the ones without a delta term (faithfulness forms Delta itself)
+DELTA_FREE_TERMS = frozenset(
     {"importance_minimality", "faithfulness", "ci_masked_recon", "ci_masked_recon_subset",
      "ci_masked_recon_layerwise", "unmasked_recon", "stochastic_hidden_acts_recon", *RECON_ROUTING}
 )  # fmt: skip
@@ -75,7 +75,7 @@ class SPDObjective(ObjectiveConfig):
         # the target's output and no other term (routed subset, PGD) needs them
         from_output = self.use_delta_component and self.delta_from_target_output
         routed = "stochastic_recon_subset" in active and self.subset_routing != "uniform_k_subset"
-        sampled_only = active.keys() <= SAMPLED_TERMS and not routed
+        sampled_only = active.keys() <= DELTA_FREE_TERMS and not routed
         values_needed = self.use_delta_component and not (from_output and sampled_only)
         deltas = model.weight_deltas() if values_needed or "faithfulness" in active else None
         recon_deltas = deltas if self.use_delta_component else None
