@@ -684,6 +684,8 @@ SPD_TOY_SUITES = {
     "resid_mlp1": "ResidMLP 1 layer",
     "resid_mlp2": "ResidMLP 2 layers",
     "resid_mlp3": "ResidMLP 3 layers",
+    "resid_mlp2_compile": "ResidMLP 2 layers, compile variant",
+    "resid_mlp3_compile": "ResidMLP 3 layers, compile variant",
 }
 
 
@@ -735,6 +737,9 @@ def render_spd_toy_suite(payload: Payload) -> list[str]:
         if timing is None:
             if suite not in ran:
                 tail.append(f"- {label}: not run.")
+            continue
+        if timing["step_s"] is None:  # the two timing runs differed by less than their fixed costs' noise
+            tail.append(f"- {label}: {status}; `--time-steps {timing['steps'][0]}` too few to time a step.")
             continue
         tail.append(
             f"- {label}: {status}; {timing['step_s']:.3f} s per step measured (`--time-steps "

@@ -306,9 +306,12 @@ def time_steps(
             raise RuntimeError(f"{suite} timing run failed (rc {rc}); see {work / f'{suite}_timing{n}.log'}")
         walls.append(wall)
     step_s = (walls[1] - walls[0]) / steps
-    return {"steps": [steps, 2 * steps], "walls_s": [round(w, 1) for w in walls], "step_s": round(step_s, 3),
-            "config_steps": config_steps(suite), "estimated_run_s": round(step_s * config_steps(suite)),
-            "accelerator": machine.accelerator}  # fmt: skip
+    row = {"steps": [steps, 2 * steps], "walls_s": [round(w, 1) for w in walls], "step_s": round(step_s, 3),
+           "config_steps": config_steps(suite), "estimated_run_s": round(step_s * config_steps(suite)),
+           "accelerator": machine.accelerator}  # fmt: skip
+    if step_s <= 0:  # the runs' fixed costs (start-up, compilation) vary by more than `steps` steps take
+        row |= {"step_s": None, "estimated_run_s": None, "note": "too few steps to time: use more"}
+    return row
 
 
 def load_existing(path: Path) -> dict[str, Any]:

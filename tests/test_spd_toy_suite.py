@@ -183,3 +183,13 @@ def test_resume_continues_a_stopped_run_and_keeps_a_finished_one(tmp_path, monke
     assert decompose(resume=True) == saved and len(calls) == n
     (run.parents[1] / "suite_row.json").write_text(json.dumps({**saved, "steps": 5}))  # a shortened run
     assert decompose(resume=True)["steps"] == steps and len(calls) == n + 1  # run again, not kept
+
+
+def test_time_steps_reports_no_estimate_when_the_difference_is_noise(tmp_path, monkeypatch):
+    walls = iter([138.4, 135.2, 10.0, 14.0])  # the second pair: 4 s for 2 more steps
+    monkeypatch.setattr(spd_toy_suite, "run_train", lambda args, log, machine: (0, next(walls)))
+    target, machine = {"path": "t.pt"}, Machine(threads=1, accelerator="cpu")
+    noisy = spd_toy_suite.time_steps("resid_mlp3", target, tmp_path, machine, steps=1)
+    assert noisy["step_s"] is None and noisy["estimated_run_s"] is None and "more" in noisy["note"]
+    timed = spd_toy_suite.time_steps("resid_mlp3", target, tmp_path, machine, steps=2)
+    assert timed["step_s"] == 2.0 and timed["estimated_run_s"] == 2.0 * 50000
