@@ -7,9 +7,8 @@ as in `spd/run_spd.py`) in a worker process (benchmarks/spd_reference_worker.py)
 dependencies, on the same target, batch, V / U and CI-function weights; ours, ours + compile, ours with
 the settings for a launch-bound device (the layerwise term batched, `layerwise_batch` = all 16 modules,
 and `delta_from_target_output`), that + compile, and our naive form (tests/helpers/spd_naive.py) run in
-this process. One step each in turn, the order rotating,
-so a shared machine's load hits all alike; medians, quartiles, and the quartiles of the ratio of each
-reference step to the ours step next to it.
+this process. One step each in turn, the order rotating, so a shared machine's load hits all alike;
+medians, quartiles, and the quartiles of the ratio of each reference step to the ours step next to it.
 
 Beside the times: each implementation's arithmetic per step (torch's FlopCounterMode: matmuls and
 attention, elementwise work not counted), the rate it reaches (GFLOP / median step), and, measured in the
@@ -305,8 +304,11 @@ def main() -> None:
         impl: count_ops(make_step(NAME, impl, args.device, bf16).forward_backward)
         for impl in ("naive", "ours", "ours_launch")
     }
-    gpu_head = {impl: count_ops_gpu_head(bf16, impl) for impl in ("ours", "ours_launch")}
-    gpu_head = gpu_head if args.device == "cpu" else {}
+    gpu_head = (
+        {impl: count_ops_gpu_head(bf16, impl) for impl in ("ours", "ours_launch")}
+        if args.device == "cpu"
+        else {}
+    )
     tokens = CONFIGS[NAME]["batch"] * CONFIGS[NAME]["seq"]
     matmul = {"head_shape": [tokens, GPT_CONFIG["n_embd"], GPT_CONFIG["vocab_size"]],
               "head_gflop_s": matmul_gflop_s(tokens, GPT_CONFIG["n_embd"], GPT_CONFIG["vocab_size"], args.device),

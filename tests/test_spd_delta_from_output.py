@@ -2,15 +2,19 @@
 .delta_from_target_output: r (y - b - x V U)) against Delta = W - (V U)^T formed each step: the same
 losses and gradients on every target family, and Delta not formed when no term needs its values."""
 
-import copy
 from unittest import mock
 
 import pytest
 import torch
 
 from lightning_modules.spd.component_model import ComponentModel, _CallState
-from lightning_modules.spd.objective import SPDObjective
-from tests.helpers.spd_targets import KINDS, tiny_target_and_batch
+from tests.helpers.spd_targets import (
+    KINDS,
+    assert_same_terms_and_grads,
+    objective_terms_and_grads,
+    tiny_component_model,
+    tiny_target_and_batch,
+)
 
 COEFFS = {
     "importance_minimality": 1e-3,
@@ -21,24 +25,10 @@ COEFFS = {
 
 
 def _terms_and_grads(
-    target: torch.nn.Module, patterns: dict, x: torch.Tensor, loss_type: str, **objective_kwargs
+    target: torch.nn.Module, patterns: dict, x: torch.Tensor, loss_type: str, coeffs: dict, **objective_kwargs
 ) -> tuple[dict, list]:
-    torch.manual_seed(5)
-    cm = ComponentModel(copy.deepcopy(target), patterns, "shared_mlp", [6]).double()
-    objective = SPDObjective(output_loss_type=loss_type, n_mask_samples=2, **objective_kwargs)
-    torch.manual_seed(123)
-    out = objective(cm, x, 0.3)
-    out.total.backward()
-    grads = [p.grad.clone() for p in (*cm.components.parameters(), *cm.ci_fns.parameters())]
-    return {k: v.item() for k, v in out.terms.items()}, grads
-
-
-def _assert_equal(a: tuple[dict, list], b: tuple[dict, list], rel: float) -> None:
-    assert a[0].keys() == b[0].keys()
-    for k in a[0]:
-        assert b[0][k] == pytest.approx(a[0][k], rel=rel, abs=1e-12), k
-    for ga, gb in zip(a[1], b[1]):
-        torch.testing.assert_close(gb, ga, rtol=rel, atol=rel * (ga.abs().max().item() + 1e-12))
+    cm = tiny_component_model(target, patterns)
+    return objective_terms_and_grads(cm, x, loss_type, coeffs, **objective_kwargs)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -53,37 +43,35 @@ def test_delta_from_target_output_gives_equal_losses_and_gradients(kind, layerwi
             patterns,
             x,
             loss_type,
-            loss_coeffs=dict(COEFFS),
+            COEFFS,
             layerwise_batch=layerwise_batch,
-            delta_from_target_output=from_output,
-        )  # fmt: skip
-        for from_output in (False, True)
+            delta_from_target_output=f,
+        )
+        for f in (False, True)
     ]
     # the KL runs in float32 (its sums of per-token terms at ~1e-7); the MSE toys stay in float64
-    _assert_equal(*runs, rel=1e-5 if loss_type == "kl" else 1e-10)
+    assert_same_terms_and_grads(*runs, rel=1e-5 if loss_type == "kl" else 1e-10)
 
 
 def test_delta_is_formed_only_where_a_term_needs_its_values():
     target, x, patterns, loss_type = tiny_target_and_batch("resid_mlp")
     target, x = target.double(), x.double()
     with mock.patch.object(ComponentModel, "weight_deltas", side_effect=AssertionError("Delta formed")):
-        _terms_and_grads(
-            target, patterns, x, loss_type, loss_coeffs=dict(COEFFS), delta_from_target_output=True
-        )
+        _terms_and_grads(target, patterns, x, loss_type, COEFFS, delta_from_target_output=True)
         with pytest.raises(AssertionError, match="Delta formed"):  # the reference's way forms it
-            _terms_and_grads(target, patterns, x, loss_type, loss_coeffs=dict(COEFFS))
+            _terms_and_grads(target, patterns, x, loss_type, COEFFS)
     # a term that needs Delta's values (PGD, faithfulness) still gets them, the sampled ones still match
     coeffs = COEFFS | {"pgd_recon": 1.0, "faithfulness": 1.0}
     runs = [
-        _terms_and_grads(target, patterns, x, loss_type, loss_coeffs=coeffs, delta_from_target_output=f)
+        _terms_and_grads(target, patterns, x, loss_type, coeffs, delta_from_target_output=f)
         for f in (False, True)
     ]
-    _assert_equal(*runs, rel=1e-10)
+    assert_same_terms_and_grads(*runs, rel=1e-10)
 
 
 def test_a_delta_from_the_output_needs_the_output():
     target, x, patterns, _ = tiny_target_and_batch("resid_mlp")
-    cm = ComponentModel(copy.deepcopy(target), patterns, "shared_mlp", [6]).double()
+    cm = tiny_component_model(target, patterns)
     name = cm.module_names[0]
     ones = torch.ones(cm.module_to_c[name], dtype=torch.float64)
     cm._state = _CallState({name: ones}, {name: (None, None)}, {}, None)  # as inside a forward

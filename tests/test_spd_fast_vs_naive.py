@@ -1,8 +1,6 @@
 """Our SPD step (persistent hooks, cached target weights, ScalarMLPFunction, fused KL) against the naive
 implementation in tests/helpers/spd_naive.py: same losses and same gradients for every trained parameter."""
 
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -11,7 +9,7 @@ from lightning_modules.common.targets import decoder_layers
 from lightning_modules.spd.component_model import ComponentModel
 from lightning_modules.spd.objective import SPDObjective
 from tests.helpers.spd_naive import COEFFS, NaiveSPD, build
-from tests.helpers.spd_targets import tiny_target_and_batch
+from tests.helpers.spd_targets import objective_terms_and_grads, tiny_component_model, tiny_target_and_batch
 
 # the launch-bound settings (docs/spd.md): every layerwise forward in one, the delta from the target's output
 LAUNCH = {"layerwise_batch": 64, "delta_from_target_output": True}
@@ -57,26 +55,13 @@ RECON_COEFFS = {
 }
 
 
-def _objective_grads(cm: ComponentModel, x: torch.Tensor, loss_type: str) -> tuple[dict, list]:
-    objective = SPDObjective(dict(RECON_COEFFS), output_loss_type=loss_type, n_mask_samples=2)
-    torch.manual_seed(123)
-    out = objective(cm, x, 0.3)
-    out.total.backward()
-    grads = [p.grad.clone() for p in (*cm.components.parameters(), *cm.ci_fns.parameters())]
-    return {k: v.item() for k, v in out.terms.items()}, grads
-
-
 @pytest.mark.parametrize("kind", ["gpt", "tms", "resid_mlp", "hf_gpt2", "hf_llama"])
 def test_clean_prefix_reuse_gives_equal_losses_and_gradients(kind):
     target, x, patterns, loss_type = tiny_target_and_batch(kind)
     target = target.double()
     x = x.double() if x.is_floating_point() else x
-    models = []
-    for record in (True, False):
-        torch.manual_seed(5)
-        cm = ComponentModel(copy.deepcopy(target), patterns, "shared_mlp", [6], record_clean_prefix=record)
-        models.append(cm.double())
-    fast, full = (_objective_grads(cm, x, loss_type) for cm in models)
+    models = [tiny_component_model(target, patterns, record_clean_prefix=record) for record in (True, False)]
+    fast, full = (objective_terms_and_grads(cm, x, loss_type, RECON_COEFFS) for cm in models)
     assert fast[0].keys() == full[0].keys()
     for k in fast[0]:
         assert fast[0][k] == pytest.approx(full[0][k], rel=1e-12, abs=1e-15), k

@@ -2,34 +2,21 @@
 forwards as one forward of the batch repeated, ComponentModel's row_slices) against one forward per module
 (from the clean prefix): the same losses and gradients, on every target family."""
 
-import copy
-
 import pytest
 import torch
 
 from benchmarks.op_count import count_ops
-from lightning_modules.spd.component_model import ComponentModel
 from lightning_modules.spd.losses import KLTarget
 from lightning_modules.spd.objective import SPDObjective
-from tests.helpers.spd_targets import KINDS, tiny_target_and_batch
+from tests.helpers.spd_targets import (
+    KINDS,
+    assert_same_terms_and_grads,
+    objective_terms_and_grads,
+    tiny_component_model,
+    tiny_target_and_batch,
+)
 
 COEFFS = {"importance_minimality": 1e-3, "stochastic_recon": 1.0, "stochastic_recon_layerwise": 1.0}
-
-
-def _terms_and_grads(cm: ComponentModel, x: torch.Tensor, loss_type: str, batch: int) -> tuple[dict, list]:
-    objective = SPDObjective(
-        dict(COEFFS), output_loss_type=loss_type, n_mask_samples=2, layerwise_batch=batch
-    )
-    torch.manual_seed(123)
-    out = objective(cm, x, 0.3)
-    out.total.backward()
-    grads = [p.grad.clone() for p in (*cm.components.parameters(), *cm.ci_fns.parameters())]
-    return {k: v.item() for k, v in out.terms.items()}, grads
-
-
-def _model(target: torch.nn.Module, patterns: dict[str, int]) -> ComponentModel:
-    torch.manual_seed(5)
-    return ComponentModel(copy.deepcopy(target), patterns, "shared_mlp", [6]).double()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -38,14 +25,14 @@ def test_batched_layerwise_gives_equal_losses_and_gradients(kind, batch):
     target, x, patterns, loss_type = tiny_target_and_batch(kind)
     target = target.double()
     x = x.double() if x.is_floating_point() else x
-    one, batched = (_terms_and_grads(_model(target, patterns), x, loss_type, b) for b in (1, batch))
-    assert one[0].keys() == batched[0].keys()
+    one, batched = (
+        objective_terms_and_grads(
+            tiny_component_model(target, patterns), x, loss_type, COEFFS, layerwise_batch=b
+        )
+        for b in (1, batch)
+    )
     # the KL runs in float32 (its sums of per-token terms at ~1e-7); the MSE toys stay in float64
-    rel = 1e-5 if loss_type == "kl" else 1e-12
-    for k in one[0]:
-        assert batched[0][k] == pytest.approx(one[0][k], rel=rel, abs=1e-12), k
-    for a, b in zip(one[1], batched[1]):
-        torch.testing.assert_close(a, b, rtol=rel, atol=rel * (b.abs().max().item() + 1e-12))
+    assert_same_terms_and_grads(one, batched, rel=1e-5 if loss_type == "kl" else 1e-12)
 
 
 def test_batched_layerwise_makes_fewer_operator_calls():
@@ -53,7 +40,7 @@ def test_batched_layerwise_makes_fewer_operator_calls():
     layerwise term and its masks: those of an objective with it, less those of one with the clean forward
     and the CIs alone)."""
     target, x, patterns, loss_type = tiny_target_and_batch("gpt")
-    cm = _model(target, patterns).float()
+    cm = tiny_component_model(target, patterns).float()
 
     def calls(terms: dict[str, float], batch: int = 1) -> int:
         objective = SPDObjective(terms, output_loss_type=loss_type, layerwise_batch=batch)
@@ -67,7 +54,7 @@ def test_batched_layerwise_makes_fewer_operator_calls():
 def test_row_slices_mask_only_their_rows():
     """Rows outside a module's slice run the target; rows inside equal a forward masked on that batch alone."""
     target, x, patterns, _ = tiny_target_and_batch("resid_mlp")
-    cm = _model(target, patterns)
+    cm = tiny_component_model(target, patterns)
     x = x.double()
     name = cm.module_names[1]
     rows = x.shape[0]
@@ -83,7 +70,7 @@ def test_row_slices_mask_only_their_rows():
 
 def test_row_slices_are_checked():
     target, x, patterns, _ = tiny_target_and_batch("resid_mlp")
-    cm = _model(target, patterns)
+    cm = tiny_component_model(target, patterns)
     a, b = cm.module_names[:2]
     masks = {a: torch.ones(cm.module_to_c[a]), b: torch.ones(cm.module_to_c[b])}
     xx = torch.cat([x, x]).double()
@@ -116,9 +103,9 @@ def test_batched_layerwise_under_bf16_autocast():
     target, x, patterns, loss_type = tiny_target_and_batch("gpt")
     results = []
     for batch in (1, 64):
-        cm = _model(target, patterns).float()
+        cm = tiny_component_model(target, patterns).float()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            results.append(_terms_and_grads(cm, x, loss_type, batch))
+            results.append(objective_terms_and_grads(cm, x, loss_type, COEFFS, layerwise_batch=batch))
     (terms, grads), (terms_batched, grads_batched) = results
     for k in terms:
         assert terms_batched[k] == pytest.approx(terms[k], rel=1e-3), k

@@ -361,8 +361,10 @@ class ComponentModel(nn.Module):
         deltas = weight_deltas_and_masks or {}
         routing = routing_masks or {}
         slices = row_slices or {}
-        named = (("masks", masks), ("weight_deltas_and_masks", deltas), ("routing_masks", routing))
-        for what, d in (*named, ("row_slices", slices)):
+        for what, d in (
+            ("masks", masks), ("weight_deltas_and_masks", deltas), ("routing_masks", routing),
+            ("row_slices", slices),
+        ):  # fmt: skip
             unknown = set(d) - set(self.module_to_c)
             if unknown:
                 raise ValueError(f"{what} has non-decomposed modules {sorted(unknown)}")

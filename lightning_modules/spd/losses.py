@@ -81,9 +81,8 @@ class KLTarget:
             return self
         cached = self._repeats.get(k)
         if cached is None:
-            reps = (k, *[1] * (self.probs.dim() - 1))
             cached = self._repeats[k] = KLTarget(
-                self.probs.repeat(reps), self.neg_entropy.repeat(reps[:-1]), _casts=self._casts,
+                repeat_rows(self.probs, k), repeat_rows(self.neg_entropy, k), _casts=self._casts,
                 _buffers=self._buffers, _repeat_of=(self, k),
             )  # fmt: skip
         return cached

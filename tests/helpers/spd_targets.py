@@ -1,6 +1,9 @@
 """Tiny targets of every family SPD decomposes (our GPT, TMS, ResidMLP, transformers' GPT-2 and Llama),
 each with a batch, decomposition patterns and its output loss type, for tests that compare two ways of
-computing the same SPD step."""
+computing the same SPD step; the component model, objective run and comparison those tests share."""
+
+import copy
+from typing import Any
 
 import pytest
 import torch
@@ -9,6 +12,8 @@ from torch import nn
 from datamodules.sparse_features import sparse_feature_batch
 from lightning_modules.gpt.config import GPTConfig
 from lightning_modules.gpt.model import GPT
+from lightning_modules.spd.component_model import ComponentModel
+from lightning_modules.spd.objective import SPDObjective
 from lightning_modules.spd.targets import HFCausalLM
 from lightning_modules.spd.toy_models import ResidMLP, TMSModel
 
@@ -43,3 +48,35 @@ def tiny_target_and_batch(kind: str) -> tuple[nn.Module, torch.Tensor, dict[str,
     )  # fmt: skip
     patterns = {"model.layers.*.self_attn.*_proj": 3, "model.layers.*.mlp.*_proj": 4}
     return HFCausalLM(transformers.LlamaForCausalLM(config).eval()), ids, patterns, "kl"
+
+
+TermsAndGrads = tuple[dict[str, float], list[torch.Tensor]]
+
+
+def tiny_component_model(target: nn.Module, patterns: dict[str, int], **kwargs: Any) -> ComponentModel:
+    """A float64 ComponentModel of a copy of `target` (shared_mlp CIs [6]), initialised from seed 5."""
+    torch.manual_seed(5)
+    return ComponentModel(copy.deepcopy(target), patterns, "shared_mlp", [6], **kwargs).double()
+
+
+def objective_terms_and_grads(
+    cm: ComponentModel, x: torch.Tensor, loss_type: str, coeffs: dict[str, float], **objective_kwargs: Any
+) -> TermsAndGrads:
+    """One objective (2 mask samples, step fraction 0.3, draws from seed 123) and its backward: the terms'
+    values and the gradient of every trained parameter."""
+    objective = SPDObjective(dict(coeffs), output_loss_type=loss_type, n_mask_samples=2, **objective_kwargs)
+    torch.manual_seed(123)
+    out = objective(cm, x, 0.3)
+    out.total.backward()
+    grads = [p.grad.clone() for p in (*cm.components.parameters(), *cm.ci_fns.parameters())]
+    return {k: v.item() for k, v in out.terms.items()}, grads
+
+
+def assert_same_terms_and_grads(expected: TermsAndGrads, actual: TermsAndGrads, rel: float) -> None:
+    """The same terms (relative `rel`, absolute 1e-12) and gradients (relative `rel`, absolute `rel` times
+    the expected gradient's largest entry)."""
+    assert expected[0].keys() == actual[0].keys()
+    for k in expected[0]:
+        assert actual[0][k] == pytest.approx(expected[0][k], rel=rel, abs=1e-12), k
+    for e, a in zip(expected[1], actual[1]):
+        torch.testing.assert_close(a, e, rtol=rel, atol=rel * (e.abs().max().item() + 1e-12))
