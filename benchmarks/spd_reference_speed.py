@@ -43,10 +43,8 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 from torch import nn
@@ -56,9 +54,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.op_count import count_ops  # noqa: E402
 from benchmarks.results import run_metadata, write_results  # noqa: E402
+from benchmarks.spd_launch_count import gpu_head_blocks  # noqa: E402
 from benchmarks.spd_speed import count_gflop, interleave, make_step, quartiles, timed  # noqa: E402
 from benchmarks.timing import sync  # noqa: E402
-from lightning_modules.spd import losses as spd_losses  # noqa: E402
 from lightning_modules.spd.objective import SPDObjective  # noqa: E402
 from tests.helpers.spd_naive import COEFFS, CONFIGS, build  # noqa: E402
 
@@ -127,6 +125,12 @@ class ReferenceWorker:
     def ops(self) -> dict[str, Any]:
         """The operator calls of one step's forward and backward (benchmarks/op_count.py, in the worker)."""
         self.proc.stdin.write("ops\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def launches(self) -> dict[str, Any]:
+        """The kernel launches of one step's forward and backward (op_count.count_launches, in the worker)."""
+        self.proc.stdin.write("launches\n")
         self.proc.stdin.flush()
         return self._read()
 
@@ -205,11 +209,18 @@ def shared_floor(device: str, autocast_bf16: bool = False, repeats: int = 40) ->
 
 def count_ops_gpu_head(autocast_bf16: bool, impl: str = "ours") -> dict[str, Any]:
     """Ours' operator calls on the CPU with the output head in the row blocks a GPU uses (one per KL term
-    at this size) instead of the CPU's cache-sized ones: the calls ours would launch on a GPU, counted here.
-    The only other CPU-only path of ours in this step, the head's reused block buffers, makes as many calls."""
-    gpu_rows = partial(spd_losses.head_block_rows, "cuda")
-    with mock.patch.object(spd_losses, "head_block_rows", lambda device_type, vocab: gpu_rows(vocab)):
+    at this size) instead of the CPU's cache-sized ones: the calls ours would launch on a GPU, counted here."""
+    with gpu_head_blocks():
         return count_ops(make_step(NAME, impl, "cpu", autocast_bf16).forward_backward)
+
+
+def count_launches_apart(impls: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """spd_launch_count.py's kernel launches of ours' `impls`, counted in a process of their own."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "spd_launch_count.py"), "--impls", *impls,
+           "--device", args.device, "--precision", args.precision, "--batch", str(args.batch),
+           "--seq", str(args.seq), "--threads", str(args.threads)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def time_all(
@@ -274,6 +285,7 @@ def main() -> None:
             times = time_all(reference, args.steps, args.warmup, bf16, args.device)
             gflop = {"reference": reference.gflop()}
             ops = {"reference": reference.ops()}
+            reference_launches = reference.launches()
         finally:
             reference.close()
     ref_terms = reference.first["terms"]
@@ -309,6 +321,8 @@ def main() -> None:
         if args.device == "cpu"
         else {}
     )
+    # kernel launches, compiled code included (on a CPU an estimate, with the GPU's head blocks)
+    launches = {"reference": reference_launches} | count_launches_apart(list(IMPLS[2:]), args)
     tokens = CONFIGS[NAME]["batch"] * CONFIGS[NAME]["seq"]
     matmul = {"head_shape": [tokens, GPT_CONFIG["n_embd"], GPT_CONFIG["vocab_size"]],
               "head_gflop_s": matmul_gflop_s(tokens, GPT_CONFIG["n_embd"], GPT_CONFIG["vocab_size"], args.device),
@@ -320,7 +334,8 @@ def main() -> None:
         paired = [r / t for r, t in zip(times["reference"], times[impl])]
         rows[impl] = {"step_ms": median, "q25_ms": q25, "q75_ms": q75, "steps_ms": times[impl],
                       "paired_speedup_quartiles": list(quartiles(paired)), "gflop": gflop[impl],
-                      "gflop_s": gflop[impl] / (median / 1e3), "ops": ops.get(impl)}  # fmt: skip
+                      "gflop_s": gflop[impl] / (median / 1e3), "ops": ops.get(impl),
+                      "launches": launches.get(impl)}  # fmt: skip
     for impl, counted in gpu_head.items():
         rows[impl]["ops_gpu_head"] = counted
     results = {"config": NAME, "batch": args.batch, "seq": args.seq, "device": args.device,

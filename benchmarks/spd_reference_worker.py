@@ -10,8 +10,8 @@ loss terms, backward, AdamW (as `spd/run_spd.py`'s `optimize` does it).
 Protocol (stdin / stdout, one JSON object per line): after building, the worker prints
 {"ready": ..., "terms": the first step's loss terms, "target_out_abs_sum": ...}; then each line "step"
 runs one step and answers {"ms": its wall time}; "ops" counts the operator calls of one step's forward and
-backward (benchmarks/op_count.py); "flops" runs one step under torch's FlopCounterMode and
-answers {"gflop": its matmul / attention GFLOP}; "quit" ends it.
+backward (benchmarks/op_count.py), "launches" its kernel launches (op_count.count_launches); "flops" runs
+one step under torch's FlopCounterMode and answers {"gflop": its matmul / attention GFLOP}; "quit" ends it.
 
 The reference needs Python 3.13. On an older Python (3.11 here) the worker imports it through a loader
 that rewrites PEP 695 type-parameter lists (`def f[T](...)`, `class C[T]:`) into module-level TypeVars
@@ -282,6 +282,12 @@ def main() -> None:
             from benchmarks.op_count import count_ops
 
             print(json.dumps(count_ops(lambda: step.forward_backward(autocast_bf16))), flush=True)
+            continue
+        if command == "launches":
+            from benchmarks.op_count import count_launches
+
+            counted = count_launches(lambda: step.forward_backward(autocast_bf16), spec.get("device", "cpu"))
+            print(json.dumps(counted), flush=True)
             continue
         start = time.perf_counter()
         step(autocast_bf16)
