@@ -273,6 +273,8 @@ def render_spd_reference_speed(payload: Payload) -> list[str]:
               "GFLOP (matmul, attention)", "GFLOP/s"]  # fmt: skip
     counted = any(row.get("ops") for row in r["impls"].values())
     header += ["operator calls (syncs)"] if counted else []
+    launched = any(row.get("launches") for row in r["impls"].values())  # recorded since 2026-12-05
+    header += ["kernel launches"] if launched else []
     body = []
     for impl, label in SPD_REFERENCE_IMPLS.items():
         row = r["impls"].get(impl)
@@ -285,6 +287,9 @@ def render_spd_reference_speed(payload: Payload) -> list[str]:
         if counted:
             ops = row.get("ops")
             body[-1].append(f"{ops['work']:,} ({ops['syncs']})" if ops else "-")
+        if launched:
+            launches = row.get("launches")
+            body[-1].append(f"{launches['launches']:,}" if launches else "-")
     checks = r["checks"]
     imp = checks["importance_minimality"]
     terms = ", ".join(
@@ -342,6 +347,8 @@ def render_spd_reference_speed(payload: Payload) -> list[str]:
                 f"`delta_from_target_output`: no W - V U formed) makes {counted_as['work']:,} calls (the GPU's "
                 f"head blocks), the reference's {ref_ops['work'] / counted_as['work']:.2f}x."
             )
+    if launched:
+        tail += _spd_launches_sentence(r, device)
     floor = r.get("shared_floor")
     if floor:
         ms, counts, floors = floor["ms"], floor["counts"], floor["floor_ms"]
@@ -359,6 +366,33 @@ def render_spd_reference_speed(payload: Payload) -> list[str]:
             f"{step_ref / 2 - floors['ours']:.0f} ms or less."
         )
     return [head, ""] + _table(header, None, body) + ["", tail]
+
+
+def _spd_launches_sentence(r: dict[str, Any], device: str) -> str:
+    """How the kernel launches were counted, and the reference's launches over each of ours'."""
+    rows = r["impls"]
+    ref = rows["reference"]["launches"]["launches"]
+    ratios = "; ".join(
+        f"{SPD_REFERENCE_IMPLS[impl]} {ref / row['launches']['launches']:.2f}x"
+        + (f" ({row['launches']['compiled_kernels']} of them compiled kernels)" if "compile" in impl else "")
+        for impl, row in rows.items()
+        if impl != "reference" and row.get("launches")
+    )
+    if device == "cuda":
+        how = "the kernels the profiler recorded on the GPU in one step's forward and backward"
+    else:
+        eager = [  # against the operator calls counted the same way (ours: the GPU's head blocks)
+            abs(row["launches"]["launches"] / (row.get("ops_gpu_head") or row["ops"])["work"] - 1)
+            for row in rows.values()
+            if row.get("ops") and row.get("launches")
+        ]
+        how = (
+            "estimated on this CPU for one step's forward and backward (benchmarks/op_count.py's "
+            "count_launches): the outermost profiled calls of the operators that do work, plus each kernel "
+            "Inductor generated for compiled code, with ours' output head in the GPU's row blocks; on the "
+            f"eager steps these agree with the operator calls within {100 * max(eager):.1f}%"
+        )
+    return f" Kernel launches: {how}. The reference launches {ref:,}, over ours': {ratios}."
 
 
 NPT_COMPONENT_LABELS = {

@@ -172,3 +172,34 @@ def test_spd_reference_speed_names_its_batch_where_recorded() -> None:
     payload["results"] |= {"batch": 1, "seq": 4}
     head = report.render_spd_reference_speed(payload)[0]
     assert head.startswith("The tiny LM's SPD training step at 1 x 4 tokens (forward + backward + AdamW)")
+
+
+def test_spd_reference_speed_counts_kernel_launches_where_recorded() -> None:
+    """Kernel launches appear as a column, with the reference's over each of ours' and, on a CPU, how far
+    the estimate is from the operator calls on the eager steps, only when the run counted them."""
+    payload = json.loads((RESULTS_DIR / "spd_reference_speed_cpu_bf16.json").read_text())
+    impls = payload["results"]["impls"]
+    for row in impls.values():
+        row.pop("launches", None)
+    assert not any("kernel launches" in line.lower() for line in report.render_spd_reference_speed(payload))
+
+    def counted(n: int, compiled: int = 0) -> dict:
+        return {"launches": n, "compiled_kernels": compiled, "by_op": {}}
+
+    for row in impls.values():
+        row["ops"] = row["ops_gpu_head"] = None
+    impls["reference"] |= {
+        "launches": counted(4000),
+        "ops": {"work": 4040, "syncs": 0, "views": 0, "by_op": {}},
+    }
+    impls["ours"] |= {"launches": counted(2000), "ops": {"work": 1900, "syncs": 0, "views": 0, "by_op": {}},
+                      "ops_gpu_head": {"work": 1980, "syncs": 0, "views": 0, "by_op": {}}}  # fmt: skip
+    impls["ours_compile"]["launches"] = counted(1600, 80)
+    lines = report.render_spd_reference_speed(payload)
+    table = [line for line in lines if line.startswith("|")]
+    assert table[0].endswith("| kernel launches |")
+    assert next(line for line in table if line.startswith("| ours + compile |")).endswith("| 1,600 |")
+    assert next(line for line in table if line.startswith("| our naive form |")).endswith("| - |")
+    tail = lines[-1]
+    assert "The reference launches 4,000, over ours': ours 2.00x; ours + compile 2.50x (80 of them" in tail
+    assert "within 1.0%" in tail  # reference 4,000 / 4,040, ours 2,000 / 1,980 (the GPU's head blocks)

@@ -32,6 +32,7 @@ from .sigmoids import get_sigmoid
 Sampling = Literal["continuous", "binomial"]
 # (d_out, d_in) delta or None (taken from the target's output), (...) mask or None (= 1)
 WeightDeltaAndMask = tuple[Tensor | None, Tensor | None]
+Span = tuple[int, int]  # rows start:stop of a batch
 
 
 class OutputWithCache(NamedTuple):
@@ -52,21 +53,39 @@ class _CallState:
     replaced: frozenset[str] = frozenset()  # masked modules whose forward computes the components only
     clean_out: dict[str, Tensor] = field(default_factory=dict)  # a masked module's clean output (clean input)
     head_inputs: list[Tensor] = field(default_factory=list)  # the output head's inputs (head_input=True)
-    row_slices: dict[str, tuple[int, int]] = field(default_factory=dict)  # module -> its masked rows
+    row_slices: dict[str, tuple[Span, ...]] = field(default_factory=dict)  # module -> its masked row spans
 
 
-def _check_row_slices(slices: dict[str, tuple[int, int]], routing: dict[str, Tensor]) -> None:
-    """Row slices are (start, stop) with 0 <= start < stop, pairwise disjoint, and not mixed with routing."""
-    both = set(slices) & set(routing)
+def _row_spans(slices: dict[str, Span | Sequence[Span]]) -> dict[str, tuple[Span, ...]]:
+    """Each module's row spans as a tuple of (start, stop) (a single (start, stop) given as is)."""
+    spans = {}
+    for name, rows in slices.items():
+        listed = (rows,) if len(rows) == 2 and all(isinstance(r, int) for r in rows) else rows
+        spans[name] = tuple((int(start), int(stop)) for start, stop in listed)
+    return spans
+
+
+def _check_row_slices(spans: dict[str, tuple[Span, ...]], routing: dict[str, Tensor]) -> None:
+    """Each module's spans are (start, stop) with 0 <= start < stop and do not overlap one another (those of
+    different modules may: such rows are masked in all of them); not mixed with routing."""
+    both = set(spans) & set(routing)
     if both:
         raise ValueError(f"modules {sorted(both)} have both a routing mask and a row slice")
-    spans = sorted((tuple(rows), name) for name, rows in slices.items())
-    for (start, stop), name in spans:
-        if not 0 <= start < stop:
-            raise ValueError(f"row_slices[{name!r}] = {(start, stop)}: need 0 <= start < stop")
-    for ((_, stop), first), ((start, _), second) in zip(spans, spans[1:]):
-        if start < stop:
-            raise ValueError(f"row_slices of {first!r} and {second!r} overlap")
+    for name, mine in spans.items():
+        for start, stop in mine:
+            if not 0 <= start < stop:
+                raise ValueError(f"row_slices[{name!r}] has {(start, stop)}: need 0 <= start < stop")
+        ordered = sorted(mine)
+        for (_, stop), (start, _) in zip(ordered, ordered[1:]):
+            if start < stop:
+                raise ValueError(f"row_slices[{name!r}] has overlapping spans {ordered}")
+
+
+def _take_rows(t: Tensor, spans: tuple[Span, ...]) -> Tensor:
+    """t's rows (first dim) of the spans, in order (a view for one span)."""
+    if len(spans) == 1:
+        return t[spans[0][0] : spans[0][1]]
+    return torch.cat([t[start:stop] for start, stop in spans])
 
 
 def _tensors(value: Any) -> Iterator[Tensor]:
@@ -323,7 +342,7 @@ class ComponentModel(nn.Module):
         masks: dict[str, Tensor] | None = None,
         weight_deltas_and_masks: dict[str, WeightDeltaAndMask] | None = None,
         routing_masks: dict[str, Tensor] | None = None,
-        row_slices: dict[str, tuple[int, int]] | None = None,
+        row_slices: dict[str, Span | Sequence[Span]] | None = None,
         cache_acts: bool = False,
         reuse_clean_prefix: bool = False,
         head_input: bool = False,
@@ -336,11 +355,12 @@ class ComponentModel(nn.Module):
         delta of None: the delta term from the target module's own output on the masked input, see
         _masked_output, no Delta needed);
         routing_masks[name] (...) bool picks, per position, components (True) or the target (False).
-        row_slices[name] = (start, stop) runs module `name` through its components on rows start:stop of
-        its input's first (batch) dim only, the target on the others; its mask and delta mask are then
-        those rows' (their first dim stop - start). Disjoint slices batch forwards that would each mask one
-        module into one forward (losses.stochastic_recon_loss's batched layerwise term); the target must
-        treat the rows of its batch independently (transformers and the toy models do).
+        row_slices[name] = (start, stop), or a list of such spans, runs module `name` through its components
+        on those rows of its input's first (batch) dim only, the target on the others; its mask and delta
+        mask are then those rows' (their first dim the spans' rows in order). Slices batch forwards that
+        would each mask other modules into one forward (losses.stochastic_recon_loss's batched layerwise
+        term: disjoint slices, one module each; a span shared by all modules joins the all-modules term);
+        the target must treat the rows of its batch independently (transformers and the toy models do).
         With cache_acts, returns OutputWithCache whose cache holds every decomposed module's input.
         With reuse_clean_prefix (masked forwards without cache_acts), the module calls upstream of the
         first masked module return the outputs recorded by the last clean cache_acts forward when it ran
@@ -360,7 +380,7 @@ class ComponentModel(nn.Module):
         masks = masks or {}
         deltas = weight_deltas_and_masks or {}
         routing = routing_masks or {}
-        slices = row_slices or {}
+        slices = _row_spans(row_slices or {})
         for what, d in (
             ("masks", masks), ("weight_deltas_and_masks", deltas), ("routing_masks", routing),
             ("row_slices", slices),
@@ -487,11 +507,17 @@ class ComponentModel(nn.Module):
         mask = state.masks.get(name)
         if mask is None or name in state.replaced:
             return None
-        rows = state.row_slices.get(name)
-        if rows is not None:  # components on these rows; the target's own output there gives the delta
-            start, stop = rows
-            out = self._masked_output(module, name, x[start:stop], output.dtype, clean=output[start:stop])
-            return torch.slice_scatter(output, out, dim=0, start=start, end=stop)
+        spans = state.row_slices.get(name)
+        if spans is not None:  # components on these rows; the target's own output there gives the delta
+            out = self._masked_output(
+                module, name, _take_rows(x, spans), output.dtype, _take_rows(output, spans)
+            )
+            done = 0
+            for start, stop in spans:
+                span_out = out[done : done + stop - start]
+                output = torch.slice_scatter(output, span_out, dim=0, start=start, end=stop)
+                done += stop - start
+            return output
         delta = state.deltas.get(name)
         from_output = delta is not None and delta[0] is None  # the delta term from this very output
         out = self._masked_output(module, name, x, output.dtype, clean=output if from_output else None)

@@ -148,7 +148,8 @@ class ObjectiveConfig:
     subset_routing_p: float | None = None  # static_probability's p
     pgd: PGDSettings = field(default_factory=PGDSettings)
     # stochastic_recon_layerwise: modules per forward (1: one forward per module, from the clean prefix;
-    # k > 1: k modules' forwards batched into one, k times fewer kernel launches, k times the activations)
+    # k > 1: k modules' forwards batched into one, k times fewer kernel launches, k times the activations;
+    # k >= the modules, with stochastic_recon next to it in loss_coeffs: that term joins the same forward)
     layerwise_batch: int = 1
     # the stochastic terms' delta term r (W - V U) x from the target module's own output on x, as
     # r (y - b - x V U), instead of forming Delta = W - (V U)^T each step (the reference's way): the same

@@ -304,11 +304,36 @@ def masked_recon_loss(
     """L(model(batch, **forward_kwargs), target_out) for a masked forward. A KL against a KLTarget on a
     model with an output head set skips the head in the forward and fuses it into the KL (head_kl_loss):
     the same value and gradients, without the (tokens, vocab) logits."""
-    head = model.fusable_head() if output_loss_type == "kl" and isinstance(target_out, KLTarget) else None
+    targets = [(target_out, batch.shape[0])]
+    return masked_recon_losses(model, batch, targets, output_loss_type, **forward_kwargs)[0]
+
+
+def masked_recon_losses(
+    model: ComponentModel,
+    batch: Tensor,
+    targets: list[tuple[Tensor | KLTarget, int]],
+    output_loss_type: OutputLossType,
+    **forward_kwargs: Any,
+) -> list[Tensor]:
+    """masked_recon_loss of consecutive row groups of one masked forward: targets = [(target, rows), ...]
+    in order, each group's loss against its own target (with the output head fused into a KL as there)."""
+    if sum(n for _, n in targets) != batch.shape[0]:
+        raise ValueError(
+            f"the row groups {[n for _, n in targets]} do not add up to the batch {batch.shape[0]}"
+        )
+    kl_targets = all(isinstance(t, KLTarget) for t, _ in targets)
+    head = model.fusable_head() if output_loss_type == "kl" and kl_targets else None
     block = compiled_kl_block() if model.compiled_kl else kl_block
-    if head is not None:
-        return head_kl_loss(model(batch, head_input=True, **forward_kwargs), *head, target_out, block)
-    return output_recon_loss(model(batch, **forward_kwargs), target_out, output_loss_type, block)
+    out = model(batch, head_input=head is not None, **forward_kwargs)
+    losses, start = [], 0
+    for target, n in targets:
+        rows = out[start : start + n]
+        if head is not None:
+            losses.append(head_kl_loss(rows, *head, target, block))
+        else:
+            losses.append(output_recon_loss(rows, target, output_loss_type, block))
+        start += n
+    return losses
 
 
 def output_recon_loss(
@@ -372,19 +397,20 @@ class MaskSampler:
     # with no weight_deltas: delta masks still drawn, the delta term taken from the target's output
     delta_from_output: bool = False
 
+    def draw(self) -> tuple[dict[str, Tensor], DeltaMasks | None]:
+        """One sample's component masks and (with a delta term) delta masks."""
+        masks = stochastic_masks(self.ci, self.sampling, self.generator)
+        if self.weight_deltas is None and not self.delta_from_output:
+            return masks, None
+        return masks, weight_delta_masks(self.ci, self.weight_deltas, self.generator)
+
     def mean(
         self, body: Callable[[dict[str, Tensor], DeltaMasks | None], Iterable[tuple[Tensor, int]]]
     ) -> Tensor:
         """sum of every (value, count) the body yields over the samples / sum of the counts (0 if none)."""
         total, n = 0.0, 0
         for _ in range(self.n_mask_samples):
-            masks = stochastic_masks(self.ci, self.sampling, self.generator)
-            deltas = (
-                None
-                if self.weight_deltas is None and not self.delta_from_output
-                else weight_delta_masks(self.ci, self.weight_deltas, self.generator)
-            )
-            for value, count in body(masks, deltas):
+            for value, count in body(*self.draw()):
                 total = total + value
                 n += count
         if n == 0:
@@ -477,6 +503,47 @@ def batched_layerwise_loss(
         row_slices={name: (i * rows, (i + 1) * rows) for i, name in enumerate(names)},
     )  # fmt: skip
     return loss * k, k
+
+
+def folded_stochastic_recon_losses(
+    model: ComponentModel,
+    batch: Tensor,
+    target_out: Tensor | KLTarget,
+    sampler: MaskSampler,
+    output_loss_type: OutputLossType = "mse",
+    layerwise_first: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """(stochastic_recon_loss with routing 'all', the same with 'layerwise') from one forward per mask
+    sample: the batch repeated 1 + (modules) times, copy 0 masked in every module with the 'all' term's
+    masks, copy 1 + i in module i only with the layerwise term's (ComponentModel's row_slices: every module
+    masks copy 0 and its own copy). The masks are drawn as the two terms would draw them one after the
+    other (every sample of the 'all' term, then of the layerwise one; the reverse with layerwise_first), so
+    the values and gradients are theirs; one forward and backward instead of two, for (modules + 1) times
+    the batch's activations."""
+    first = [sampler.draw() for _ in range(sampler.n_mask_samples)]
+    second = [sampler.draw() for _ in range(sampler.n_mask_samples)]
+    if layerwise_first:
+        first, second = second, first
+    names = list(sampler.ci)
+    k, rows = len(names), batch.shape[0]
+    slices = {name: [(0, rows), ((1 + i) * rows, (2 + i) * rows)] for i, name in enumerate(names)}
+    wide_batch = repeat_rows(batch, 1 + k)
+    all_total: Tensor | float = 0.0
+    layerwise_total: Tensor | float = 0.0
+    for (masks, deltas), (lw_masks, lw_deltas) in zip(first, second):
+        both_masks = {name: torch.cat([masks[name], lw_masks[name]]) for name in names}
+        both_deltas = None
+        if deltas is not None:
+            both_deltas = {
+                name: (deltas[name][0], torch.cat([deltas[name][1], lw_deltas[name][1]])) for name in names
+            }
+        all_loss, layerwise_mean = masked_recon_losses(
+            model, wide_batch, [(target_out, rows), (repeat_rows(target_out, k), k * rows)], output_loss_type,
+            masks=both_masks, weight_deltas_and_masks=both_deltas, row_slices=slices,
+        )  # fmt: skip
+        all_total = all_total + all_loss
+        layerwise_total = layerwise_total + layerwise_mean  # the mean over modules of each one's loss
+    return all_total / sampler.n_mask_samples, layerwise_total / sampler.n_mask_samples
 
 
 def stochastic_hidden_acts_recon_loss(

@@ -25,6 +25,9 @@ RECON_ROUTING: dict[str, L.Routing] = {
 }
 
 
+# the two stochastic terms one forward serves when the layerwise one is batched all in one (SPDObjective)
+FOLDED_TERMS = ("stochastic_recon", "stochastic_recon_layerwise")
+
 # the terms that need no Delta = W - V U values when the sampled terms (MaskSampler's) take the delta term
 # from the target's output: those, and the ones without a delta term (faithfulness forms Delta itself)
 DELTA_FREE_TERMS = frozenset(
@@ -61,6 +64,14 @@ class SPDObjective(ObjectiveConfig):
         """The router of the subset terms (subset_routing, subset_routing_p)."""
         return make_subset_router(self.subset_routing, self.subset_routing_p)
 
+    def _folds_stochastic_terms(self, active: list[str], modules: int) -> bool:
+        """Whether the all-modules and the layerwise stochastic terms run as one forward: when the layerwise
+        forwards are batched all in one (layerwise_batch >= the modules) and the two terms come one after
+        the other (nothing draws random numbers between them, so each draws the masks it would alone)."""
+        if self.layerwise_batch < modules or not all(t in active for t in FOLDED_TERMS):
+            return False
+        return abs(active.index(FOLDED_TERMS[0]) - active.index(FOLDED_TERMS[1])) == 1
+
     def __call__(
         self, model: ComponentModel, batch: Tensor, step_frac: float, generator: torch.Generator | None = None
     ) -> ObjectiveOutput:
@@ -84,9 +95,22 @@ class SPDObjective(ObjectiveConfig):
             delta_from_output=from_output,
         )  # fmt: skip
         out_type = self.output_loss_type
+        device_type = next(iter(ci.values())).device.type
+        autocast = any(torch.is_autocast_enabled(d) for d in {"cpu", device_type})
+        # under autocast not where Delta is formed for the sampled terms: the fold's rows would take their delta
+        # term from the target's output instead, the same function rounded otherwise
+        delta_formed = self.use_delta_component and not from_output
+        fold = self._folds_stochastic_terms(list(active), len(ci)) and not (autocast and delta_formed)
         terms: dict[str, Tensor] = {}
         for name in active:
-            if name == "faithfulness":
+            if name in terms:  # computed with the term before it (fold)
+                continue
+            if fold and name in FOLDED_TERMS:
+                all_loss, layerwise = L.folded_stochastic_recon_losses(
+                    model, batch, recon_target, sampler, out_type, layerwise_first=name != FOLDED_TERMS[0]
+                )
+                terms |= {FOLDED_TERMS[0]: all_loss, FOLDED_TERMS[1]: layerwise}
+            elif name == "faithfulness":
                 terms[name] = L.faithfulness_loss(deltas)
             elif name == "importance_minimality":
                 terms[name] = L.importance_minimality_loss(ci_upper, self.p(step_frac))
