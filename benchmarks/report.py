@@ -325,7 +325,8 @@ def render_spd_reference_speed(payload: Payload) -> list[str]:
         tail += (
             f" Operator calls: those of one step's forward and backward that do work, counted below "
             f"autograd (benchmarks/op_count.py; views and AdamW left out; compiled kernels are not seen, "
-            f"so the compiled ones show none), with the `.item()`-like reads among them in brackets. On a GPU "
+            f"so the compiled ones show none{'; the kernel launches count them' if launched else ''}), with the "
+            f"`.item()`-like reads among them in brackets. On a GPU "
             f"each launches a kernel and each read waits for the queue, and a step of tensors this small "
             f"is bound by those launches rather than its arithmetic: the reference makes "
             f"{ref_ops['work'] / ours_ops['work']:.2f}x ours' calls."
@@ -338,12 +339,14 @@ def render_spd_reference_speed(payload: Payload) -> list[str]:
                 f"reference's {ref_ops['work'] / gpu_head['work']:.2f}x."
             )
         launch = r["impls"].get("ours_launch")
+        # since 2026-12-05 the all-modules term joins that forward (recorded with the kernel launches)
+        folded = ", and the all-modules term's," if launched else ""
         if launch:
             counted_as = launch.get("ops_gpu_head") or launch["ops"]
             tail += (
                 f" Ours with the settings for a launch-bound device (`layerwise_batch` = all "
-                f"{r.get('modules', 16)} modules: the layerwise term's forwards as one forward of the batch "
-                f"repeated, from the embeddings, so more arithmetic and fewer calls; "
+                f"{r.get('modules', 16)} modules: the layerwise term's forwards{folded} as one forward of the "
+                f"batch repeated, from the embeddings, so more arithmetic and fewer calls; "
                 f"`delta_from_target_output`: no W - V U formed) makes {counted_as['work']:,} calls (the GPU's "
                 f"head blocks), the reference's {ref_ops['work'] / counted_as['work']:.2f}x."
             )

@@ -11,13 +11,14 @@ from lightning_modules.spd import losses as L
 from lightning_modules.spd.objective import SPDObjective
 from tests.helpers.spd_targets import (
     KINDS,
+    STOCHASTIC_COEFFS,
     assert_same_terms_and_grads,
     objective_terms_and_grads,
     tiny_component_model,
     tiny_target_and_batch,
 )
 
-COEFFS = {"importance_minimality": 1e-3, "stochastic_recon": 1.0, "stochastic_recon_layerwise": 1.0}
+COEFFS = STOCHASTIC_COEFFS
 
 
 def _double(kind: str):

@@ -18,6 +18,12 @@ from lightning_modules.spd.targets import HFCausalLM
 from lightning_modules.spd.toy_models import ResidMLP, TMSModel
 
 KINDS = ("gpt", "tms", "resid_mlp", "hf_gpt2", "hf_llama")
+# importance minimality and the two stochastic terms a batched layerwise forward serves (and folds)
+STOCHASTIC_COEFFS = {
+    "importance_minimality": 1e-3,
+    "stochastic_recon": 1.0,
+    "stochastic_recon_layerwise": 1.0,
+}
 
 
 def tiny_target_and_batch(kind: str) -> tuple[nn.Module, torch.Tensor, dict[str, int], str]:
