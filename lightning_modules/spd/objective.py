@@ -109,7 +109,8 @@ class SPDObjective(ObjectiveConfig):
                 all_loss, layerwise = L.folded_stochastic_recon_losses(
                     model, batch, recon_target, sampler, out_type, layerwise_first=name != FOLDED_TERMS[0]
                 )
-                terms |= {FOLDED_TERMS[0]: all_loss, FOLDED_TERMS[1]: layerwise}
+                folded = {FOLDED_TERMS[0]: all_loss, FOLDED_TERMS[1]: layerwise}
+                terms |= {term: folded[term] for term in active if term in folded}  # in their order
             elif name == "faithfulness":
                 terms[name] = L.faithfulness_loss(deltas)
             elif name == "importance_minimality":
