@@ -341,8 +341,8 @@ def render_spd_reference_speed(payload: Payload) -> list[str]:
         launch = r["impls"].get("ours_launch")
         # since 2026-12-05 the all-modules term joins that forward (recorded with the kernel launches)
         folded = ", and the all-modules term's," if launched else ""
-        if launch:
-            counted_as = launch.get("ops_gpu_head") or launch["ops"]
+        counted_as = launch and (launch.get("ops_gpu_head") or launch.get("ops"))
+        if counted_as:
             tail += (
                 f" Ours with the settings for a launch-bound device (`layerwise_batch` = all "
                 f"{r.get('modules', 16)} modules: the layerwise term's forwards{folded} as one forward of the "
@@ -392,9 +392,10 @@ def _spd_launches_sentence(r: dict[str, Any], device: str) -> str:
         how = (
             "estimated on this CPU for one step's forward and backward (benchmarks/op_count.py's "
             "count_launches): the outermost profiled calls of the operators that do work, plus each kernel "
-            "Inductor generated for compiled code, with ours' output head in the GPU's row blocks; on the "
-            f"eager steps these agree with the operator calls within {100 * max(eager):.1f}%"
+            "Inductor generated for compiled code, with ours' output head in the GPU's row blocks"
         )
+        if eager:
+            how += f"; on the eager steps these agree with the operator calls within {100 * max(eager):.1f}%"
     return f" Kernel launches: {how}. The reference launches {ref:,}, over ours': {ratios}."
 
 
