@@ -405,7 +405,7 @@ class ComponentModel(nn.Module):
             clean_out = {} if first_out is None else {first: first_out}
         # a masked module without routing needs no target output: its forward computes only the components
         # (not under autocast, whose output dtype the hook takes from the target's output)
-        autocast = any(torch.is_autocast_enabled(d) for d in {"cpu", self._device_type})
+        autocast = self.autocast_active
         # (a delta taken from the target's output needs that output, unless the clean prefix recorded it)
         from_output = {n for n, (d, _) in deltas.items() if d is None and n not in clean_out}
         replaced = (
@@ -433,6 +433,11 @@ class ComponentModel(nn.Module):
                 else:
                     module.forward = previous
         return OutputWithCache(out, cache) if cache is not None else out
+
+    @property
+    def autocast_active(self) -> bool:
+        """Whether a forward called now runs under autocast (the CPU's or the components' device's)."""
+        return any(torch.is_autocast_enabled(d) for d in {"cpu", self._device_type})
 
     @property
     def _device_type(self) -> str:

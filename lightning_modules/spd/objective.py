@@ -95,12 +95,11 @@ class SPDObjective(ObjectiveConfig):
             delta_from_output=from_output,
         )  # fmt: skip
         out_type = self.output_loss_type
-        device_type = next(iter(ci.values())).device.type
-        autocast = any(torch.is_autocast_enabled(d) for d in {"cpu", device_type})
         # under autocast not where Delta is formed for the sampled terms: the fold's rows would take their delta
         # term from the target's output instead, the same function rounded otherwise
         delta_formed = self.use_delta_component and not from_output
-        fold = self._folds_stochastic_terms(list(active), len(ci)) and not (autocast and delta_formed)
+        fold = self._folds_stochastic_terms(list(active), len(ci))
+        fold = fold and not (model.autocast_active and delta_formed)
         terms: dict[str, Tensor] = {}
         for name in active:
             if name in terms:  # computed with the term before it (fold)
