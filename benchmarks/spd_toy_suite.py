@@ -59,20 +59,6 @@ class Criteria:
     max_wall_s: float | None = None  # None: no time limit
 
 
-CRITERIA: dict[str, Criteria] = {
-    "tms_5-2": Criteria(("linear1", "linear2"), alive=5, max_wall_s=600.0),
-    "tms_40-10": Criteria(("linear1", "linear2"), alive=40),
-    "tms_40-10_anneal": Criteria(("linear1", "linear2"), alive=40),
-    "tms_40-10_anneal_fwarm": Criteria(("linear1", "linear2"), alive=40),
-    "tms_40-10_anneal_fwarm_lrfloor": Criteria(("linear1", "linear2"), alive=40),
-    "tms_40-10_anneal_fwarm_cwd": Criteria(("linear1", "linear2"), alive=40),
-    "resid_mlp1": Criteria(("layers.*.mlp_in",), alive=100),
-    "resid_mlp2": Criteria(("layers.*.mlp_in",), alive=100),
-    "resid_mlp3": Criteria(("layers.*.mlp_in",), alive=102),
-    "resid_mlp2_compile": Criteria(("layers.*.mlp_in",), alive=100),
-    "resid_mlp3_compile": Criteria(("layers.*.mlp_in",), alive=102),
-}
-
 # A variant suite decomposes its base suite's target with the base's shipped config and its own overlay,
 # configs/spd/variants/<variant>.yaml, over it (train.py applies `--config` files in order).
 VARIANTS: dict[str, str] = {
@@ -82,6 +68,20 @@ VARIANTS: dict[str, str] = {
     "tms_40-10_anneal_fwarm_cwd": "tms_40-10",
     "resid_mlp2_compile": "resid_mlp2",
     "resid_mlp3_compile": "resid_mlp3",
+}
+
+_BASE_CRITERIA: dict[str, Criteria] = {
+    "tms_5-2": Criteria(("linear1", "linear2"), alive=5, max_wall_s=600.0),
+    "tms_40-10": Criteria(("linear1", "linear2"), alive=40),
+    "resid_mlp1": Criteria(("layers.*.mlp_in",), alive=100),
+    "resid_mlp2": Criteria(("layers.*.mlp_in",), alive=100),
+    "resid_mlp3": Criteria(("layers.*.mlp_in",), alive=102),
+}
+# every suite's criteria, each variant after its base with the base's (the same target, so the same truth)
+CRITERIA: dict[str, Criteria] = {
+    suite: criteria
+    for base, criteria in _BASE_CRITERIA.items()
+    for suite in (base, *(variant for variant, of in VARIANTS.items() if of == base))
 }
 
 
