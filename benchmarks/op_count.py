@@ -52,6 +52,11 @@ def count_ops(fn: Callable[[], Any]) -> dict[str, Any]:
     working calls by operator name, most frequent first}."""
     with OpCounter() as counter:
         fn()
+    return count_summary(counter)
+
+
+def count_summary(counter: OpCounter) -> dict[str, Any]:
+    """count_ops' summary of a finished OpCounter's calls."""
     work = {k: v for k, v in counter.calls.items() if k != SYNC and k not in MARKERS}
     return {
         "work": sum(work.values()),
@@ -89,6 +94,13 @@ def count_launches(
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     working = set(count_ops(eager or fn)["by_op"])  # after the profiled call: see the docstring
+    return launches_in_profile(prof, working)
+
+
+def launches_in_profile(prof: profile, working: set[str]) -> dict[str, Any]:
+    """count_launches' CPU estimate from a finished CPU profile: each outermost profiled call of an operator
+    in `working` (the names count_ops gives doing work in the same code run eagerly) counts one, as does
+    each kernel Inductor generated (enable_compiled_kernel_events)."""
     counted: Counter[str] = Counter()
 
     def visit(event: Any) -> None:

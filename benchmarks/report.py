@@ -779,11 +779,20 @@ def render_spd_toy_suite(payload: Payload) -> list[str]:
         if timing["step_s"] is None:  # the two timing runs differed by less than their fixed costs' noise
             tail.append(f"- {label}: {status}; `--time-steps {timing['steps'][0]}` too few to time a step.")
             continue
-        tail.append(
+        line = (
             f"- {label}: {status}; {timing['step_s']:.3f} s per step measured (`--time-steps "
             f"{timing['steps'][0]}`), so the shipped {timing['config_steps']:,} steps take about "
             f"{timing['estimated_run_s'] / 3600:.1f} h per seed at that speed."
         )
+        ensemble = timing.get("members")
+        if ensemble and ensemble.get("step_s") and ensemble.get("runs_per_ensemble_time"):
+            line += (
+                f" As a member ensemble of {ensemble['members']} seeds (`--members`), {ensemble['step_s']:.3f} s "
+                f"per step for all of them: the {ensemble['members']} runs' work in the time of "
+                f"{ensemble['members'] / ensemble['runs_per_ensemble_time']:.2f} of their steps "
+                f"({ensemble['runs_per_ensemble_time']:.2f}x the runs one after another)."
+            )
+        tail.append(line)
     return [head, ""] + _table(header, None, body) + ([""] + tail if tail else [])
 
 
@@ -855,6 +864,38 @@ def render_spd_run_progress(payload: Payload) -> list[str]:
     return [*_table(header, None, body), *(["", f"The runs: {note}."] if note else [])]
 
 
+def render_spd_step_launches(payload: Payload) -> list[str]:
+    """Kernel launches of one whole training step of each SPD recipe, one run and as a member ensemble
+    (benchmarks/spd_step_launches.py): per step, per member's step, and device-to-host reads."""
+    r = payload["results"]
+    suites = r["suites"]
+    header = [
+        "recipe",
+        "members",
+        "launches per step",
+        "per member's step",
+        "one run's step over it",
+        "syncs",
+    ]
+    body = []
+    single = {key: row for key, row in suites.items() if row.get("members", 1) == 1}
+    for key, row in suites.items():
+        members = row.get("members", 1)
+        base = single.get(key.split(" x")[0])
+        per_member = row["launches"] / members
+        ratio = f"{base['launches'] / per_member:.2f}x" if base is not None and members > 1 else "-"
+        compiled = f" ({row['compiled_kernels']} compiled)" if row.get("compiled_kernels") else ""
+        body.append([f"`{key.split(' x')[0]}`", str(members), f"{row['launches']:,}{compiled}",
+                     f"{per_member:,.0f}", ratio, str(row["syncs"])])  # fmt: skip
+    tail = (
+        f"Step {r['at_batch'] + 1} of each recipe through train.py (after compiling), batch {r['batch_size']} "
+        "(the count does not depend on it), AdamW in its foreach form as on a GPU; a compiled recipe's "
+        "launches are op_count's CPU estimate (the operators its eager twin runs, each Inductor kernel). "
+        "Syncs: device-to-host reads a GPU would wait on (AdamW's host-side step counters left out)."
+    )
+    return [*_table(header, None, body), "", tail]
+
+
 RENDERERS: dict[str, Callable[[Payload], list[str]]] = {
     "main_job": render_main_job,
     "gpt_speed": render_gpt_speed,
@@ -863,6 +904,7 @@ RENDERERS: dict[str, Callable[[Payload], list[str]]] = {
     "spd_toy_suite": render_spd_toy_suite,
     "spd_run_progress": render_spd_run_progress,
     "spd_alive_detail": render_spd_alive_detail,
+    "spd_step_launches": render_spd_step_launches,
     "npt_component": render_npt_component,
     "npt_component_sweep": render_npt_component_sweep,
     "npt_layer": render_npt_layer,

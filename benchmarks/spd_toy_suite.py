@@ -19,6 +19,12 @@ seconds per step, to estimate a full run. `--accelerator gpu` runs the targets a
 
     python benchmarks/spd_toy_suite.py --suite resid_mlp2 --seeds 10-14 --jobs 5 --accelerator gpu
 
+`--members` runs the seeds as one member ensemble instead (`model.init_args.member_seeds`: one process,
+each member the run of its seed, lightning_modules/spd/members.py): one step's kernel launches for all of
+them, the way to use a GPU at these sizes; `--tf32` adds configs/callbacks/tf32.yaml (recorded per row):
+
+    python benchmarks/spd_toy_suite.py --suite resid_mlp3 --seeds 10-14 --members --accelerator gpu --tf32
+
 `--target-only` trains the target alone (a relative --work keeps the saved path valid on another machine:
 benchmarks/spd_toy_gpu.sh reuses targets trained on a CPU); `--figures end` skips the per-validation figures;
 `--resume` keeps the runs in --work that finished and continues those that stopped from their last.ckpt
@@ -116,10 +122,16 @@ class Machine:
 
     threads: int = 1
     accelerator: str = "cpu"
+    tf32: bool = False  # float32 matmuls on TF32 tensor cores (configs/callbacks/tf32.yaml)
 
     def trainer_args(self) -> list[str]:
         """The command-line overrides that put a shipped config (accelerator: cpu) on this machine."""
-        return ["--trainer.accelerator", self.accelerator, "--trainer.devices", "1"]
+        args = ["--trainer.accelerator", self.accelerator, "--trainer.devices", "1"]
+        return args + ["--config", str(ROOT / "configs" / "callbacks" / "tf32.yaml")] if self.tf32 else args
+
+    def tags(self) -> dict[str, Any]:
+        """What a results row records of this machine beyond its accelerator."""
+        return {"tf32": True} if self.tf32 else {}
 
 
 def run_train(args: list[str], log: Path, machine: Machine, append: bool = False) -> tuple[int, float]:
@@ -166,9 +178,9 @@ def ensure_target(suite: str, work: Path, machine: Machine, max_steps: int | Non
     return info
 
 
-def ci_margins(ckpt: Path) -> dict[str, dict[str, float]]:
-    """Per module: the largest off-diagonal and smallest diagonal single-feature CI after the best
-    permutation (identity CI error counts entries beyond 0.1 / below 0.9)."""
+def ci_margins(ckpt: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """{member seed, or "" for a single run: per module, the largest off-diagonal and smallest diagonal
+    single-feature CI after the best permutation (identity CI error counts entries beyond 0.1 / below 0.9)}."""
     import torch
 
     from lightning_modules.spd import SPDLightningModule
@@ -177,15 +189,24 @@ def ci_margins(ckpt: Path) -> dict[str, dict[str, float]]:
     torch.set_num_threads(1)
     module = SPDLightningModule.load_from_checkpoint(ckpt, map_location="cpu")
     n = int(module.cm.target_model.n_features)
-    out = {}
-    for name, ci in single_feature_cis(module.cm, n).items():
-        if ci.shape[1] < n:
-            continue
-        p = permute_to_identity(ci)  # (n, C)
-        off = torch.ones_like(p, dtype=torch.bool)
-        off[:, :n].fill_diagonal_(False)
-        out[name] = {"max_off_diag_ci": float(p[off].max()), "min_diag_ci": float(p[:, :n].diagonal().min())}
-    return out
+    margins = {}
+    views = module._member_views()
+    for seed, cm in views:
+        out = {}
+        for name, ci in single_feature_cis(cm, n).items():
+            if ci.shape[1] < n:
+                continue
+            p = permute_to_identity(ci)  # (n, C)
+            off = torch.ones_like(p, dtype=torch.bool)
+            off[:, :n].fill_diagonal_(False)
+            out[name] = {
+                "max_off_diag_ci": float(p[off].max()),
+                "min_diag_ci": float(p[:, :n].diagonal().min()),
+            }
+        margins["" if seed is None else str(seed)] = out
+        if seed is not None:
+            cm.remove_hooks()
+    return margins
 
 
 def judge(suite: str, results: dict[str, Any], wall_s: float) -> tuple[bool, list[str]]:
@@ -272,7 +293,7 @@ def decompose(
         args += ["--ckpt_path", str(resume_from)]
     rc, wall = run_train(args, work / f"{suite}_seed{seed}.log", machine, append=resume_from is not None)
     row: dict[str, Any] = {"suite": suite, "seed": seed, "steps": steps, "wall_s": round(wall, 1),
-                           "accelerator": machine.accelerator}  # fmt: skip
+                           "accelerator": machine.accelerator, **machine.tags()}  # fmt: skip
     if figures is not None:
         row["figures"] = figures
     if resumed_step is not None:
@@ -282,7 +303,7 @@ def decompose(
     directory = run_dir(root)
     results = json.loads((directory / "spd_results.json").read_text())
     passed, failures = judge(suite, results, wall)
-    margins = ci_margins(directory / "checkpoints" / "last.ckpt")
+    margins = ci_margins(directory / "checkpoints" / "last.ckpt")[""]
     print(f"{suite} seed {seed}: {'pass' if passed else 'FAIL ' + '; '.join(failures)} ({wall:.0f} s)")
     row = {**row, "ran": True, "passed": passed, "failures": failures, "modules": results["modules"],
            "metrics": results["metrics"], "ci_margins": margins}  # fmt: skip
@@ -291,24 +312,35 @@ def decompose(
 
 
 def time_steps(
-    suite: str, target: dict[str, Any], work: Path, machine: Machine, steps: int
+    suite: str,
+    target: dict[str, Any],
+    work: Path,
+    machine: Machine,
+    steps: int,
+    member_seeds: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Seconds per optimizer step of the shipped recipe, from two short runs (steps and 2 x steps)."""
+    """Seconds per optimizer step of the shipped recipe, from two short runs (steps and 2 x steps); with
+    member_seeds, of the member ensemble of those seeds (one step: every member's)."""
     walls = []
+    name = suite if not member_seeds else f"{suite}_members{len(member_seeds)}"
     for n in (steps, 2 * steps):
-        root = work / "runs" / f"{suite}_timing{n}"
+        root = work / "runs" / f"{name}_timing{n}"
         args = [*config_args(suite), "--model.init_args.target", target["path"],
                 "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(n),
                 "--trainer.val_check_interval", str(n), "--model.init_args.evaluation.final_eval_batches", "1",
-                "--model.init_args.faithfulness_warmup.steps", "0"]  # fmt: skip
-        rc, wall = run_train(args, work / f"{suite}_timing{n}.log", machine)
+                "--model.init_args.faithfulness_warmup.steps", "0", "--model.init_args.evaluation.figures", "off"]  # fmt: skip
+        if member_seeds:
+            args += ["--model.init_args.member_seeds", json.dumps(member_seeds)]
+        rc, wall = run_train(args, work / f"{name}_timing{n}.log", machine)
         if rc != 0:
-            raise RuntimeError(f"{suite} timing run failed (rc {rc}); see {work / f'{suite}_timing{n}.log'}")
+            raise RuntimeError(f"{suite} timing run failed (rc {rc}); see {work / f'{name}_timing{n}.log'}")
         walls.append(wall)
     step_s = (walls[1] - walls[0]) / steps
-    row = {"steps": [steps, 2 * steps], "walls_s": [round(w, 1) for w in walls], "step_s": round(step_s, 3),
+    row = {"steps": [steps, 2 * steps], "walls_s": [round(w, 1) for w in walls], "step_s": round(step_s, 4),
            "config_steps": config_steps(suite), "estimated_run_s": round(step_s * config_steps(suite)),
-           "accelerator": machine.accelerator}  # fmt: skip
+           "accelerator": machine.accelerator, **machine.tags()}  # fmt: skip
+    if member_seeds:
+        row["members"] = len(member_seeds)
     if step_s <= 0:  # the runs' fixed costs (start-up, compilation) vary by more than `steps` steps take
         row |= {"step_s": None, "estimated_run_s": None, "note": "too few steps to time: use more"}
     return row
@@ -319,6 +351,66 @@ def load_existing(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {"targets": {}, "timing": {}, "runs": []}
     return json.loads(path.read_text())["results"]
+
+
+def decompose_members(
+    suite: str,
+    seeds: list[int],
+    target: dict[str, Any],
+    work: Path,
+    machine: Machine,
+    max_steps: int | None,
+    figures: str | None = None,
+    resume: bool = False,
+) -> list[dict[str, Any]]:
+    """The seeds as one member ensemble (`model.init_args.member_seeds`, lightning_modules/spd/members.py):
+    one train.py fit whose member i is the run of seed i, then one row per seed as `decompose` makes it,
+    from the member's results and margins. A seed's wall_s is the ensemble's wall over the members (what it
+    cost), beside ensemble_wall_s; judged on the former. resume keeps a finished ensemble's rows (of the
+    same step count) and continues a stopped one from its last.ckpt."""
+    name = f"{suite}_members{'-'.join(map(str, seeds))}"
+    root = work / "runs" / name
+    steps = config_steps(suite) if max_steps is None else max_steps
+    saved_rows = root / "suite_rows.json"
+    if resume and saved_rows.is_file():
+        rows = json.loads(saved_rows.read_text())
+        if all(r.get("steps") == steps for r in rows):
+            print(f"{suite} seeds {seeds}: kept the finished ensemble's rows")
+            return rows
+    resume_from = unfinished_checkpoint(root) if resume else None
+    args = [*config_args(suite), "--seed_everything", str(seeds[0]), "--model.init_args.member_seeds",
+            json.dumps(seeds), "--model.init_args.target", target["path"],
+            "--trainer.default_root_dir", str(root)]  # fmt: skip
+    if max_steps is not None:
+        args += ["--trainer.max_steps", str(max_steps)]
+    if figures is not None:
+        args += ["--model.init_args.evaluation.figures", figures]
+    if resume_from is not None:
+        args += ["--ckpt_path", str(resume_from)]
+    rc, wall = run_train(args, work / f"{name}.log", machine, append=resume_from is not None)
+    base = {"suite": suite, "steps": steps, "wall_s": round(wall / len(seeds), 1), "ensemble_wall_s": round(wall, 1),
+            "members": seeds, "accelerator": machine.accelerator, **machine.tags()}  # fmt: skip
+    if figures is not None:
+        base["figures"] = figures
+    if resume_from is not None:
+        base["resumed_from_step"] = checkpoint_step(resume_from)
+    if rc != 0:
+        return [
+            {**base, "seed": s, "ran": False, "passed": False, "failures": [f"train.py exited {rc}"]}
+            for s in seeds
+        ]
+    directory = run_dir(root)
+    margins = ci_margins(directory / "checkpoints" / "last.ckpt")
+    rows = []
+    for seed in seeds:
+        results = json.loads((directory / "members" / f"seed_{seed}" / "spd_results.json").read_text())
+        passed, failures = judge(suite, results, wall / len(seeds))
+        print(f"{suite} seed {seed} (member): {'pass' if passed else 'FAIL ' + '; '.join(failures)}")
+        rows.append({**base, "seed": seed, "ran": True, "passed": passed, "failures": failures,
+                     "modules": results["modules"], "metrics": results["metrics"],
+                     "ci_margins": margins[str(seed)]})  # fmt: skip
+    saved_rows.write_text(json.dumps(rows, indent=2))  # for a later --resume, which keeps them
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,8 +429,12 @@ def main(argv: list[str] | None = None) -> int:
         "--target-only", action="store_true", help="train (or find) the suite's target in --work and stop"
     )
     parser.add_argument("--jobs", type=int, default=1, help="decompositions at once (1 thread each)")
+    parser.add_argument(
+        "--members", action="store_true", help="the seeds as one member ensemble: one process, one run each"
+    )
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per run")
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--tf32", action="store_true", help="float32 matmuls on TF32 tensor cores (GPUs)")
     parser.add_argument(
         "--resume",
         action="store_true",
@@ -358,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.target_max_steps is not None and args.seeds:
         parser.error("--target-max-steps is for --time-steps only: decompositions need the shipped target")
     meta = run_metadata()
-    machine = Machine(args.threads, args.accelerator)
+    machine = Machine(args.threads, args.accelerator, args.tf32)
     args.work.mkdir(parents=True, exist_ok=True)
     target = ensure_target(base_suite(args.suite), args.work, machine, args.target_max_steps)
     if args.target_only:
@@ -368,8 +464,18 @@ def main(argv: list[str] | None = None) -> int:
     timing = None
     if args.time_steps is not None:
         timing = time_steps(args.suite, target, args.work, machine, args.time_steps)
+        if args.members and args.seeds:  # beside one run's step: the ensemble's, and what it saves
+            ensemble = time_steps(args.suite, target, args.work, machine, args.time_steps, args.seeds)
+            if timing["step_s"] and ensemble["step_s"]:
+                ensemble["runs_per_ensemble_time"] = round(
+                    len(args.seeds) * timing["step_s"] / ensemble["step_s"], 2
+                )
+            timing["members"] = ensemble
         timing["target_max_steps"] = args.target_max_steps
-    if args.seeds:
+    if args.seeds and args.members and args.time_steps is None:
+        new_rows = decompose_members(args.suite, args.seeds, target, args.work, machine, args.max_steps,
+                                     args.figures, args.resume)  # fmt: skip
+    elif args.seeds and args.time_steps is None:
         run_seed = partial(decompose, args.suite, target=target, work=args.work, machine=machine,
                            max_steps=args.max_steps, figures=args.figures, resume=args.resume)  # fmt: skip
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:

@@ -126,6 +126,7 @@ def test_callback_presets_compose_together(tmp_path, monkeypatch):
     cli = _instantiate(tmp_path, BASE, *CALLBACK_PRESETS, extra=("--trainer.accelerator", "cpu"))
     names = {type(c).__name__ for c in cli.trainer.callbacks}
     assert {"SkipNonFiniteSteps", "StepWindowProfiler", "TokenThroughputMonitor", "ExactResume"} <= names
+    assert "Float32MatmulPrecision" in names
     assert type(cli.trainer.strategy.checkpoint_io).__name__ == "AsyncAtomicCheckpointIO"
 
 

@@ -193,3 +193,32 @@ def test_time_steps_reports_no_estimate_when_the_difference_is_noise(tmp_path, m
     assert noisy["step_s"] is None and noisy["estimated_run_s"] is None and "more" in noisy["note"]
     timed = spd_toy_suite.time_steps("resid_mlp3", target, tmp_path, machine, steps=2)
     assert timed["step_s"] == 2.0 and timed["estimated_run_s"] == 2.0 * 50000
+
+
+def test_members_run_the_seeds_as_one_ensemble_with_a_row_each(tmp_path):
+    """--members: one train.py run (member_seeds) gives each seed its row, results and CI margins."""
+    from lightning_modules.spd.targets import save_toy_target
+    from lightning_modules.spd.toy_models import TMSModel
+
+    torch.manual_seed(0)
+    target = save_toy_target(tmp_path / "t.pt", TMSModel(5, 2), "tms", {"n_features": 5, "n_hidden": 2})
+    rows = spd_toy_suite.decompose_members(
+        "tms_5-2", [3, 4], {"path": str(target)}, tmp_path, Machine(), max_steps=6, figures="off"
+    )
+    assert [r["seed"] for r in rows] == [3, 4]
+    for row in rows:
+        assert row["ran"] and row["members"] == [3, 4] and row["steps"] == 6
+        assert row["wall_s"] == pytest.approx(row["ensemble_wall_s"] / 2, abs=0.1)
+        assert set(row["modules"]) == {"linear1", "linear2"}
+        assert set(row["ci_margins"]) == {"linear1", "linear2"}
+    assert rows[0]["modules"] != rows[1]["modules"]  # two decompositions, not one copied
+    again = spd_toy_suite.decompose_members(
+        "tms_5-2", [3, 4], {"path": "missing.pt"}, tmp_path, Machine(), max_steps=6, resume=True
+    )
+    assert again == rows  # finished: kept with --resume, not run again (its target is not even read)
+
+
+def test_tf32_adds_the_callback_preset():
+    args = Machine(tf32=True).trainer_args()
+    assert args[args.index("--config") + 1].endswith("configs/callbacks/tf32.yaml")
+    assert "--config" not in Machine().trainer_args() and Machine(tf32=True).tags() == {"tf32": True}

@@ -18,6 +18,9 @@ import torch
 from torch import Tensor, nn
 
 CI_FN_KINDS = ("mlp", "vector_mlp", "shared_mlp")
+# whether eager CPU calls of `mlp` take ScalarMLPFunction (off: autograd's graph, as on a GPU; the kernel-launch
+# count of benchmarks/spd_step_launches.py counts a GPU's step so)
+BLOCKED_CPU_PATH = True
 
 
 def _kaiming_(weight: Tensor, fan_in: int, gain: float) -> None:
@@ -112,10 +115,16 @@ class MLPCiFn(_ParallelMLP):
 
     def __init__(self, C: int, hidden_dims: Sequence[int]) -> None:
         super().__init__(C, [1, *hidden_dims, 1])
+        # ScalarMLPFunction on eager CPU calls; off for a member ensemble's template (members.StackedCiFn),
+        # which runs under vmap, where a custom autograd.Function without a vmap rule cannot
+        self.blocked_cpu_path = True
 
     def forward(self, g: Tensor) -> Tensor:
         """g (..., C) -> (..., C)."""
-        if len(self.weights) == 2 and g.device.type == "cpu" and not torch.compiler.is_compiling():
+        blocked = (
+            BLOCKED_CPU_PATH and self.blocked_cpu_path and len(self.weights) == 2 and g.device.type == "cpu"
+        )
+        if blocked and not torch.compiler.is_compiling():
             # eager CPU only: on GPUs and under torch.compile, autograd's graph is fused anyway
             w1, w2 = self.weights[0][:, 0, :], self.weights[1][..., 0]  # (C, H) each
             return ScalarMLPFunction.apply(g, w1, self.biases[0], w2, self.biases[1][:, 0])

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .ci_functions import CiFn, make_ci_fn
 from .components import Components, make_components, module_in_out, module_kind, target_weight
+from .members import Generator, MemberGenerators, StackedCiFn, integers, uniform
 from .sigmoids import get_sigmoid
 
 Sampling = Literal["continuous", "binomial"]
@@ -227,8 +228,13 @@ class ComponentModel(nn.Module):
         output_attr: str | None = None,
         record_clean_prefix: bool = True,
         output_head: str | None = None,
+        members: int | None = None,
     ) -> None:
         super().__init__()
+        if members is not None and members < 1:
+            raise ValueError(f"members must be >= 1 (or None), got {members}")
+        # k stacked decompositions trained at once (members.py); None: one, without a member dim
+        self.members = members
         target_model.requires_grad_(False)
         target_model.eval()
         self.target_model = target_model
@@ -249,13 +255,18 @@ class ComponentModel(nn.Module):
             module = target_model.get_submodule(name)
             self._modules_by_name[name] = module
             device = target_weight(module).device
-            self.components[_key(name)] = make_components(module, C).to(device)
+            self.components[_key(name)] = make_components(module, C, members).to(device)
             if module_kind(module) == "embedding" and ci_fn_type != "mlp":
                 raise ValueError(f"module {name!r} is an Embedding: only ci_fn_type='mlp' is supported")
             d_in = module_in_out(module)[0]
-            self.ci_fns[_key(name)] = make_ci_fn(ci_fn_type, C, d_in, ci_fn_hidden_dims).to(device)
+            fns = [make_ci_fn(ci_fn_type, C, d_in, ci_fn_hidden_dims) for _ in range(members or 1)]
+            self.ci_fns[_key(name)] = (fns[0] if members is None else StackedCiFn(fns)).to(device)
 
         self.output_head = output_head
+        if output_head is not None and members is not None:
+            raise ValueError(
+                "members: a language model's output head (KL losses) is not for member ensembles"
+            )
         if output_head is not None:
             head = dict(target_model.named_modules()).get(output_head)
             if not isinstance(head, nn.Linear) or output_head in self.module_to_c:
@@ -394,6 +405,8 @@ class ComponentModel(nn.Module):
                 f"modules {sorted(unmasked)} have a weight delta, routing mask or row slice but no mask"
             )
         _check_row_slices(slices, routing)
+        if slices and self.members is not None:
+            raise ValueError("row_slices (the batched layerwise term) are not for member ensembles")
         if self._state is not None:
             raise RuntimeError("ComponentModel.forward is not re-entrant")
         cache: dict[str, Tensor] | None = {} if cache_acts else None
@@ -648,15 +661,15 @@ class ComponentModel(nn.Module):
 
 # --------------------------------------------------------------------- mask sampling
 def stochastic_masks(
-    ci: dict[str, Tensor], sampling: Sampling = "continuous", generator: torch.Generator | None = None
+    ci: dict[str, Tensor], sampling: Sampling = "continuous", generator: Generator = None
 ) -> dict[str, Tensor]:
     """m = ci + (1 - ci) r, r ~ U(0, 1) ('continuous') or {0, 1} ('binomial'), per element."""
     masks = {}
     for name, c in ci.items():
         if sampling == "continuous":
-            r = torch.rand(c.shape, generator=generator, device=c.device, dtype=c.dtype)
+            r = uniform(c.shape, generator, c.device, c.dtype)
         elif sampling == "binomial":
-            r = torch.randint(0, 2, c.shape, generator=generator, device=c.device).to(c.dtype)
+            r = integers(0, 2, c.shape, generator, c.device).to(c.dtype)
         else:
             raise ValueError(f"unknown sampling {sampling!r}; valid: ['continuous', 'binomial']")
         masks[name] = c + (1 - c) * r
@@ -664,13 +677,13 @@ def stochastic_masks(
 
 
 def weight_delta_masks(
-    ci: dict[str, Tensor], weight_deltas: dict[str, Tensor] | None, generator: torch.Generator | None = None
+    ci: dict[str, Tensor], weight_deltas: dict[str, Tensor] | None, generator: Generator = None
 ) -> dict[str, WeightDeltaAndMask]:
     """(delta, r) per module with r ~ U(0, 1) of shape ci[name].shape[:-1] (per example/position);
     weight_deltas None: (None, r), the delta term then taken from the target's output (ComponentModel)."""
     out = {}
     for name, c in ci.items():
-        r = torch.rand(c.shape[:-1], generator=generator, device=c.device, dtype=c.dtype)
+        r = uniform(c.shape[:-1], generator, c.device, c.dtype)
         out[name] = (None if weight_deltas is None else weight_deltas[name], r)
     return out
 
@@ -679,13 +692,19 @@ def uniform_k_subset_routing_masks(
     module_names: Sequence[str],
     shape: Sequence[int],
     device: torch.device | str = "cpu",
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
 ) -> dict[str, Tensor]:
-    """Per position: k ~ U{1..n_modules}, then a uniformly random k-subset of modules is routed (True)."""
+    """Per position: k ~ U{1..n_modules}, then a uniformly random k-subset of modules is routed (True).
+    (Members: shape (k, ...), each member's k and ranks drawn from its generator as its run draws them.)"""
     n = len(module_names)
     shape = tuple(shape)
-    k = torch.randint(1, n + 1, shape, generator=generator, device=device)  # (...)
-    ranks = torch.rand((n, *shape), generator=generator, device=device).argsort(0).argsort(0)  # (n, ...)
+    k = integers(1, n + 1, shape, generator, device)  # (...)
+    if isinstance(generator, MemberGenerators):  # member i: (n, ...) from its own generator
+        draws = [torch.rand((n, *shape[1:]), generator=g, device=device) for g in generator]
+        noise = torch.stack(draws, dim=1)  # (n, k, ...)
+    else:
+        noise = torch.rand((n, *shape), generator=generator, device=device)
+    ranks = noise.argsort(0).argsort(0)  # (n, ...)
     return {name: ranks[i] < k for i, name in enumerate(module_names)}
 
 
@@ -696,5 +715,5 @@ def tie_component_weights_(model: ComponentModel, src: str, dst: str) -> None:
     land in the same memory. Device moves break the tie: call it again after moving.
     """
     s, d = model.component(src), model.component(dst)
-    d.V.data = s.U.data.t()
-    d.U.data = s.V.data.t()
+    d.V.data = s.U.data.mT  # (the last two dims: members' too)
+    d.U.data = s.V.data.mT

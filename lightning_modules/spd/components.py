@@ -41,28 +41,44 @@ def module_in_out(module: nn.Module) -> tuple[int, int]:
     return (rows, cols) if module_kind(module) == "embedding" else (cols, rows)
 
 
+def _member_matmul(x: Tensor, w: Tensor) -> Tensor:
+    """x @ w; for members' weights w (k, a, b): x (n, a), shared by the members, or (k, n, a), one per
+    member, -> (k, n, b) (members are for targets whose decomposed modules take (batch, features))."""
+    if w.dim() == 2:
+        return x @ w
+    if x.dim() not in (2, 3):
+        raise ValueError(
+            f"members: a module input must be (batch, d) or (members, batch, d), got {tuple(x.shape)}"
+        )
+    return x @ w  # (n, a) @ (k, a, b) broadcasts to (k, n, b); (k, n, a) @ (k, a, b) is a batched matmul
+
+
 class LinearComponents(nn.Module):
     """C rank-one subcomponents of a linear map: y = ((x V) * mask) U + delta_mask * (x Delta^T) + b."""
 
-    def __init__(self, d_in: int, d_out: int, C: int, bias: Tensor | None = None) -> None:
+    def __init__(
+        self, d_in: int, d_out: int, C: int, bias: Tensor | None = None, members: int | None = None
+    ) -> None:
         super().__init__()
         if C < 1:
             raise ValueError(f"C must be >= 1, got {C}")
         self.d_in, self.d_out, self.C = d_in, d_out, C
-        self.V = nn.Parameter(torch.randn(d_in, C) / math.sqrt(d_in))  # N(0, 1/d_in)
-        self.U = nn.Parameter(torch.randn(C, d_out) / math.sqrt(C))  # N(0, 1/C)
+        # members k: V (k, d_in, C) and U (k, C, d_out), one decomposition per member (spd/members.py)
+        lead = () if members is None else (members,)
+        self.V = nn.Parameter(torch.randn(*lead, d_in, C) / math.sqrt(d_in))  # N(0, 1/d_in)
+        self.U = nn.Parameter(torch.randn(*lead, C, d_out) / math.sqrt(C))  # N(0, 1/C)
         # Biases are never decomposed: a frozen copy of the target's (ComponentModel passes None and
         # adds the target module's own bias instead, so it can never go stale).
         self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
 
     @property
     def weight(self) -> Tensor:
-        """(V U)^T: (d_out, d_in), nn.Linear layout."""
-        return (self.V @ self.U).t()
+        """(V U)^T: (d_out, d_in), nn.Linear layout ((k, d_out, d_in) for k members)."""
+        return (self.V @ self.U).mT
 
     def component_acts(self, x: Tensor) -> Tensor:
         """g = x V: (..., d_in) -> (..., C)."""
-        return x.to(self.V.dtype) @ self.V
+        return _member_matmul(x.to(self.V.dtype), self.V)
 
     def forward(
         self,
@@ -71,14 +87,19 @@ class LinearComponents(nn.Module):
         weight_delta: Tensor | None = None,
         delta_mask: Tensor | None = None,
     ) -> Tensor:
-        """x (..., d_in), mask (..., C) or broadcastable, weight_delta (d_out, d_in), delta_mask (...)."""
+        """x (..., d_in), mask (..., C) or broadcastable, weight_delta (d_out, d_in), delta_mask (...).
+        With k members: V, U and weight_delta carry a leading (k) dim, x is (..., d_in) shared by the members
+        or (k, ..., d_in), and the output (k, ..., d_out)."""
         x = x.to(self.V.dtype)
-        acts = x @ self.V  # (..., C)
+        acts = _member_matmul(x, self.V)  # (..., C)
         if mask is not None:
             acts = acts * mask
         out = acts @ self.U  # (..., d_out)
         if weight_delta is not None:
-            delta_out = nn.functional.linear(x, weight_delta)  # (..., d_out)
+            if weight_delta.dim() == 2:
+                delta_out = nn.functional.linear(x, weight_delta)  # (..., d_out)
+            else:  # members: (k, d_out, d_in), x (k, n, d_in) or (n, d_in)
+                delta_out = _member_matmul(x, weight_delta.mT)
             out = out + (delta_out if delta_mask is None else delta_mask.unsqueeze(-1) * delta_out)
         if self.bias is not None:
             out = out + self.bias
@@ -126,9 +147,12 @@ class EmbeddingComponents(nn.Module):
 Components = LinearComponents | EmbeddingComponents
 
 
-def make_components(module: nn.Module, C: int) -> Components:
-    """Components shaped for a Linear / Conv1D / Embedding target (bias left to the caller)."""
+def make_components(module: nn.Module, C: int, members: int | None = None) -> Components:
+    """Components shaped for a Linear / Conv1D / Embedding target (bias left to the caller); `members`:
+    that many stacked sets (Linear / Conv1D only)."""
     d_a, d_b = module_in_out(module)
     if module_kind(module) == "embedding":
+        if members is not None:
+            raise ValueError("members: an Embedding cannot be decomposed in a member ensemble")
         return EmbeddingComponents(d_a, d_b, C)
-    return LinearComponents(d_a, d_b, C)
+    return LinearComponents(d_a, d_b, C, members=members)

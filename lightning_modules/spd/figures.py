@@ -275,8 +275,8 @@ def rerender(
     module = SPDLightningModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     module.eval()
     step = int(torch.load(ckpt, map_location="cpu", weights_only=True).get("global_step", 0))
-    cm = module.build()
-    module._acc.reset()
+    module.build()
+    module._open_eval()  # the model, or each member's one-member copy
     config = run / "config.yaml"
     datamodule = datamodule_from_config(config) if config.is_file() else None
     n_batches = batches if batches is not None else module.eval_cfg.final_eval_batches
@@ -288,17 +288,23 @@ def rerender(
             f"{run}: no config.yaml with a data section; drawing the figures that need no data",
             file=sys.stderr,
         )
-    seen = module._acc.n_examples > 0
-    metrics = module._summary()[0] if seen else {}
-    figures = spd_figures(
-        cm,
-        module._acc.hist if seen else None,
-        module._acc.density() if seen else None,
-        metrics,
-        module.eval_cfg.ci_alive_threshold,
-        step,
-    )
-    return save_figures(figures, out or run / "figures")
+    paths = []
+    for seed, cm, acc in module._evals:  # a member's figures where its run would write them
+        seen = acc.n_examples > 0
+        metrics = module._summary(cm, acc)[0] if seen else {}
+        figures = spd_figures(
+            cm,
+            acc.hist if seen else None,
+            acc.density() if seen else None,
+            metrics,
+            module.eval_cfg.ci_alive_threshold,
+            step,
+        )
+        folder = out or run
+        folder = folder if seed is None else folder / "members" / f"seed_{seed}"
+        paths += save_figures(figures, folder / "figures" if out is None else folder)
+    module._close_eval()
+    return paths
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from .component_model import (
     uniform_k_subset_routing_masks,
     weight_delta_masks,
 )
+from .members import uniform
 from .routing import Router
 
 OutputLossType = Literal["mse", "kl"]
@@ -364,16 +365,22 @@ def annealed_p(
 
 
 def importance_minimality_loss(
-    ci_upper: dict[str, Tensor], p: float, eps: float = 1e-12, beta: float = 0.0
+    ci_upper: dict[str, Tensor], p: float, eps: float = 1e-12, beta: float = 0.0, members: int | None = None
 ) -> Tensor:
-    """sum_layers sum_c mean_batch (ci_upper + eps)^p  (times 1 + beta log2(1 + sum_batch) if beta)."""
+    """sum_layers sum_c mean_batch (ci_upper + eps)^p  (times 1 + beta log2(1 + sum_batch) if beta); with
+    `members` (ci_upper (k, ..., C)), the mean over the members of each one's."""
     total = torch.zeros((), device=next(iter(ci_upper.values())).device)
     for ci in ci_upper.values():
-        powered = (ci + eps).pow(p).flatten(0, -2)  # (n, C)
-        per_component_mean = powered.mean(0)  # (C,)
+        powered = (ci + eps).pow(p)
+        # (members, n, C): every member's batch apart (beta's sum must not run over the other members')
+        powered = powered.flatten(0, -2).unsqueeze(0) if members is None else powered.flatten(1, -2)
+        per_component_mean = powered.mean(1)  # (members, C)
         if beta:
-            per_component_mean = per_component_mean * (1 + beta * torch.log2(1 + powered.sum(0)))
-        total = total + per_component_mean.sum()
+            per_component_mean = per_component_mean * (1 + beta * torch.log2(1 + powered.sum(1)))
+        members_here = per_component_mean.shape[0]
+        total = total + (
+            per_component_mean.sum() if members_here == 1 else per_component_mean.sum() / members_here
+        )
     return total
 
 
@@ -556,7 +563,11 @@ def stochastic_hidden_acts_recon_loss(
         cache = model(batch, masks=masks, weight_deltas_and_masks=deltas, cache_acts=True).cache
         for name, clean in pre_weight_acts.items():
             if clean.is_floating_point():
-                yield (cache[name] - clean).pow(2).sum(), clean.numel()
+                squares = (cache[name] - clean).pow(2).sum()
+                members = model.members or 1
+                if members > 1 and cache[name].dim() == clean.dim():  # upstream of every mask: all alike
+                    squares = squares * members
+                yield squares, clean.numel() * members
 
     return sampler.mean(body)
 
@@ -597,9 +608,7 @@ def pgd_sources(
     if init not in ("random", "ones", "zeros"):
         raise ValueError(f"unknown PGD init {init!r}; valid: ['random', 'ones', 'zeros']")
     if init == "random":
-        return {
-            n: torch.rand(sh, generator=generator, device=device, dtype=dtype) for n, sh in shapes.items()
-        }
+        return {n: uniform(sh, generator, device, dtype) for n, sh in shapes.items()}
     value = 1.0 if init == "ones" else 0.0
     return {n: torch.full(sh, value, device=device, dtype=dtype) for n, sh in shapes.items()}
 
@@ -639,6 +648,8 @@ def pgd_recon_loss(
     ref = next(iter(ci.values()))
     lead_shape = ref.shape[:-1]
     src_lead = lead_shape if mask_scope == "unique_per_datapoint" else (1,) * len(lead_shape)
+    if model.members is not None and mask_scope != "unique_per_datapoint":
+        src_lead = (lead_shape[0], *src_lead[1:])  # shared across each member's batch, not across members
     extra = 0 if weight_deltas is None else 1
     shapes = {name: (*src_lead, c.shape[-1] + extra) for name, c in ci.items()}
     sources = pgd_sources(shapes, init, ref.device, ref.dtype, generator)

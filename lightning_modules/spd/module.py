@@ -9,15 +9,17 @@ directory holds the final value of every metric, from a fresh evaluation on the 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import warnings
+from functools import partial
 from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 
 from callbacks.paths import run_dir
 from lightning_modules.common.optim import (
@@ -41,6 +43,7 @@ from .config import (
     regroup_flat_hparams,
 )
 from .figures import spd_figures
+from .members import MemberGenerators, check_member_seeds, load_members, member_model
 from .metrics import toy_module_report
 from .objective import (
     EvalAccumulator,
@@ -114,6 +117,7 @@ class SPDLightningModule(pl.LightningModule):
         component_weight_decay: float | None = None,
         compile: bool = False,
         cpu_threads: int | None = None,
+        member_seeds: list[int] | None = None,
         **flat: Any,
     ) -> None:
         super().__init__()
@@ -139,6 +143,7 @@ class SPDLightningModule(pl.LightningModule):
             if isinstance(C, bool) or not isinstance(C, int) or C < 1:
                 raise ValueError(f"target_module_patterns[{pattern!r}]: C must be an int >= 1, got {C!r}")
         check_schedule_args(warmup_steps, lr_decay_steps, min_lr_ratio)
+        check_member_seeds(member_seeds)
         if component_weight_decay is not None and not component_weight_decay >= 0:
             raise ValueError(f"component_weight_decay must be >= 0 (or null), got {component_weight_decay!r}")
         self.component_cfg = _group(ComponentConfig, components)
@@ -154,7 +159,7 @@ class SPDLightningModule(pl.LightningModule):
         self.cm: ComponentModel | None = None
         self.is_toy = False
         self.register_buffer("warmup_done", torch.zeros((), dtype=torch.bool))
-        self._acc: EvalAccumulator | None = None
+        self._evals: list[tuple[int | None, ComponentModel, EvalAccumulator]] = []  # see _open_eval
         self._total_steps = 1  # set in configure_optimizers: the importance-p schedule's length
         self._compiled = False
         self._target_sums: dict[str, float] | None = None  # see _target_fingerprint
@@ -164,6 +169,9 @@ class SPDLightningModule(pl.LightningModule):
         # uninterrupted run would have drawn. torch.initial_seed() is seed_everything's seed.
         self._mask_base_seed = torch.initial_seed()
         self._mask_gen: torch.Generator | None = None
+        # member_seeds: one decomposition per seed in one model (members.py), each initialised and drawing
+        # its masks as the run with `--seed_everything <seed>` would
+        self._member_gens: MemberGenerators | None = None
 
     # ------------------------------------------------------------------ building
     def build(self) -> ComponentModel:
@@ -173,31 +181,51 @@ class SPDLightningModule(pl.LightningModule):
         hp = self.hparams
         if hp.target is None:
             rank_zero_warn("SPD target is a freshly initialised GPT (random_target): for smoke runs only")
-        target = (
-            load_target(hp.target) if hp.target is not None else random_gpt(hp.random_target, hp.vocab_size)
-        )
-        check_target_data(target, hp.vocab_size, None, hp.target)
+
+        def load() -> nn.Module:
+            target = (
+                load_target(hp.target)
+                if hp.target is not None
+                else random_gpt(hp.random_target, hp.vocab_size)
+            )
+            check_target_data(target, hp.vocab_size, None, hp.target)
+            return target
+
+        target = load()
         self.is_toy = hasattr(target, "n_features")
         cfg = self.component_cfg
         patterns = dict(hp.target_module_patterns)
         head = output_head_name(target)  # fused into the KL losses unless it is decomposed itself
-        cm = ComponentModel(
-            target, patterns, cfg.ci_fn_type, cfg.ci_fn_hidden_dims, cfg.sigmoid_type,
-            output_head=None if head in match_target_modules(target, patterns) else head,
+        head = None if head in match_target_modules(target, patterns) else head
+        new_cm = partial(
+            ComponentModel, target, patterns, cfg.ci_fn_type, cfg.ci_fn_hidden_dims, cfg.sigmoid_type,
+            output_head=head,
         )  # fmt: skip
+        self._new_cm = new_cm  # a member's one-member copy is built alike (_member_views)
+        seeds = hp.get("member_seeds")
+        if seeds:
+            cm = new_cm(members=len(seeds))
+            singles = []
+            for seed in seeds:  # each member initialised as its own run (seed_everything(seed)) is: from the
+                torch.manual_seed(seed)  # seed, after the same draws (loading a toy target initialises one)
+                own = partial(new_cm.func, load(), *new_cm.args[1:], **new_cm.keywords)()
+                own.remove_hooks()
+                singles.append(own)
+            load_members(cm, singles)
+        else:
+            cm = new_cm()
         for dst, src in (cfg.tied_components or {}).items():
             if dst not in cm.module_to_c or src not in cm.module_to_c:
                 raise ValueError(
                     f"tied_components {dst!r} <- {src!r}: both must be decomposed: {cm.module_names}"
                 )
             a, b = cm.component(dst), cm.component(src)
-            if a.V.shape != b.U.t().shape or a.U.shape != b.V.t().shape:
+            if a.V.shape != b.U.mT.shape or a.U.shape != b.V.mT.shape:
                 raise ValueError(
                     f"tied_components {dst!r} <- {src!r}: shapes are not transposes of each other"
                 )
         self.cm = cm
         self._tie()
-        self._acc = EvalAccumulator(cm.module_to_c, self.eval_cfg.ci_alive_threshold)
         return cm
 
     def _tie(self) -> None:
@@ -213,6 +241,8 @@ class SPDLightningModule(pl.LightningModule):
             self.hparams.vocab_size = datamodule.vocab_size
         n_features = getattr(datamodule, "n_features", None)
         check_target_data(self.build().target_model, self.hparams.vocab_size, n_features, self.hparams.target)
+        if self.cm.members is not None:
+            self.objective.check_members()  # before any step: members run the toy recipes' losses only
 
     def configure_model(self) -> None:
         cm = self.build()
@@ -277,14 +307,23 @@ class SPDLightningModule(pl.LightningModule):
         x, _ = self._split(batch)
         frac = self.global_step / self._total_steps
         out = self.objective(self.cm, x, frac, generator=self.mask_generator(x.device, batch_idx))
-        self.log("train/loss", out.total, prog_bar=True)
+        members = self.cm.members or 1  # the total sums the members' totals; the terms are their means
+        self.log("train/loss", out.total / members if members > 1 else out.total, prog_bar=True)
         self.log_dict({f"train/loss/{k}": v for k, v in out.terms.items()})
         self.log_dict({f"train/l0_ci_gt_0/{n}": (c > 0).sum(-1).float().mean() for n, c in out.ci.items()})
         self.log("train/importance_p", self.objective.p(frac))
         return out.total
 
-    def mask_generator(self, device: torch.device, batch_idx: int) -> torch.Generator:
-        """The generator for this micro-batch's masks, seeded from (base seed, rank, step, batch_idx)."""
+    def mask_generator(self, device: torch.device, batch_idx: int) -> torch.Generator | MemberGenerators:
+        """The generator for this micro-batch's masks, seeded from (base seed, rank, step, batch_idx); with
+        member_seeds one per member, seeded as that member's own run seeds its (its seed the base seed)."""
+        seeds = self.hparams.get("member_seeds")
+        if seeds:
+            if self._member_gens is None or self._member_gens.device != device:
+                self._member_gens = MemberGenerators(torch.Generator(device=device) for _ in seeds)
+            for generator, seed in zip(self._member_gens, seeds):
+                generator.manual_seed(mixed_seed(seed, self.global_rank, self.global_step, batch_idx))
+            return self._member_gens
         if self._mask_gen is None or self._mask_gen.device != device:
             self._mask_gen = torch.Generator(device=device)
         self._mask_gen.manual_seed(
@@ -306,72 +345,128 @@ class SPDLightningModule(pl.LightningModule):
         )  # fmt: skip
 
     # ------------------------------------------------------------------ evaluation
+    def _member_views(self) -> list[tuple[int | None, ComponentModel]]:
+        """[(None, the model)], or with member_seeds [(seed, a one-member copy of that member)]: fresh
+        ComponentModels on the shared target (their hooks to be removed after use, _close_eval), made
+        without touching the global RNG, through which the single-run evaluation code runs unchanged."""
+        seeds = self.hparams.get("member_seeds")
+        if not seeds:
+            return [(None, self.cm)]
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return [
+                (seed, member_model(self.cm, i, self._new_cm()).to(self.device))
+                for i, seed in enumerate(seeds)
+            ]
+
+    def _open_eval(self) -> None:
+        """(seed or None, model, accumulator) for each model an evaluation runs: the model, or every member."""
+        self._close_eval()
+        threshold = self.eval_cfg.ci_alive_threshold
+        self._evals = [
+            (seed, cm, EvalAccumulator(cm.module_to_c, threshold)) for seed, cm in self._member_views()
+        ]
+
+    def _close_eval(self) -> None:
+        for seed, cm, _ in self._evals:
+            if seed is not None:
+                cm.remove_hooks()
+        self._evals = []
+
     def _eval_step(self, batch: Any) -> None:
         x, y = self._split(batch)
-        metrics, ci = eval_batch(
-            self.cm, x, self.objective.output_loss_type, self.objective.use_delta_component, y,
-            l0_threshold=self.eval_cfg.ci_alive_threshold,
-        )  # fmt: skip
-        self._acc.update(metrics, ci)
+        for _, cm, acc in self._evals:
+            metrics, ci = eval_batch(
+                cm, x, self.objective.output_loss_type, self.objective.use_delta_component, y,
+                l0_threshold=self.eval_cfg.ci_alive_threshold,
+            )  # fmt: skip
+            acc.update(metrics, ci)
 
     def on_validation_epoch_start(self) -> None:
-        self._acc.reset()
+        self._open_eval()
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch)
 
     def on_validation_epoch_end(self) -> None:
-        metrics = self._summary()[0]
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
-        if self.trainer.sanity_checking or self.global_rank != 0 or self.eval_cfg.figures != "all":
-            return
-        log_figures(self.loggers, self._figures(metrics), self.global_step)
+        summaries = [(seed, cm, acc, self._summary(cm, acc)[0]) for seed, cm, acc in self._evals]
+        if len(summaries) == 1:
+            self.log_dict({f"val/{k}": v for k, v in summaries[0][3].items()}, sync_dist=True)
+        else:  # every member's, and their mean
+            for seed, _, _, metrics in summaries:
+                self.log_dict({f"val/member_{seed}/{k}": v for k, v in metrics.items()}, sync_dist=True)
+            keys = set.intersection(*(set(m) for *_, m in summaries))
+            mean = {k: sum(m[k] for *_, m in summaries) / len(summaries) for k in sorted(keys)}
+            self.log_dict({f"val/{k}": v for k, v in mean.items()}, sync_dist=True)
+        draw = not self.trainer.sanity_checking and self.global_rank == 0 and self.eval_cfg.figures == "all"
+        for seed, cm, acc, metrics in summaries if draw else ():
+            figures = self._figures(cm, acc, metrics)
+            log_figures(self.loggers, _tagged(figures, seed), self.global_step)
+        self._close_eval()
 
-    def _figures(self, metrics: dict[str, float]) -> dict[str, Any]:
+    def _figures(self, cm: ComponentModel, acc: EvalAccumulator, metrics: dict[str, float]) -> dict[str, Any]:
         """{tag: matplotlib Figure} for the evaluation just accumulated (see figures.spd_figures)."""
-        seen = self._acc.n_examples > 0
-        hist, density = (self._acc.hist, self._acc.density()) if seen else (None, None)
-        return spd_figures(
-            self.cm, hist, density, metrics, self.eval_cfg.ci_alive_threshold, self.global_step
-        )
+        seen = acc.n_examples > 0
+        hist, density = (acc.hist, acc.density()) if seen else (None, None)
+        return spd_figures(cm, hist, density, metrics, self.eval_cfg.ci_alive_threshold, self.global_step)
 
-    def _summary(self) -> tuple[dict[str, float], dict[str, dict[str, Tensor]]]:
+    def _summary(
+        self, cm: ComponentModel, acc: EvalAccumulator
+    ) -> tuple[dict[str, float], dict[str, dict[str, Tensor]]]:
         """Accumulated validation means plus, for toys, mmcs / ml2r / identity_ci_error per module."""
-        metrics = self._acc.means()
+        metrics = acc.means()
         mats: dict[str, dict[str, Tensor]] = {}
         if self.is_toy:
-            stats, mats = toy_module_report(self.cm, self.eval_cfg.identity_ci_patterns)
+            stats, mats = toy_module_report(cm, self.eval_cfg.identity_ci_patterns)
             metrics.update({f"{k}/{name}": v for name, s in stats.items() for k, v in s.items()})
         return metrics, mats
 
     def on_train_end(self) -> None:
-        """Write spd_results.json: a fresh evaluation on up to evaluation.final_eval_batches val batches.
+        """Write spd_results.json: a fresh evaluation on up to evaluation.final_eval_batches val batches
+        (with member_seeds: each member's in members/seed_<seed>/spd_results.json, and all of them in
+        spd_results.json's "members").
 
         on_train_end, not on_fit_end: the strategy's teardown, which moves the module to the CPU, runs
         between the two, so on a GPU on_fit_end met a CPU module with CUDA batches (seen on an H200)."""
         if self.global_rank != 0:  # no collective below: trainer.log_dir would broadcast and hang under DDP
             return
         datamodule = getattr(self.trainer, "datamodule", None)
-        self._acc.reset()
+        self._open_eval()
         if datamodule is not None:
             for i, batch in enumerate(datamodule.val_dataloader()):
                 if i >= self.eval_cfg.final_eval_batches:
                     break
                 self._eval_step(self.trainer.strategy.batch_to_device(batch))
-        metrics = self._summary()[0] if self._acc.n_examples else {}
-        if datamodule is not None and self.objective.pgd.multibatch_n_batches:
-            batches = (
-                self._split(self.trainer.strategy.batch_to_device(b))[0] for b in datamodule.val_dataloader()
-            )
-            metrics.update(
-                pgd_multibatch_metrics(self.cm, self.objective, batches, self.mask_generator(self.device, 0))
-            )
         train = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("train/")}
         extra = {"target": self.hparams.target, "global_step": self.global_step, "train": train}
         out = run_dir(self.trainer)
-        write_results(out / "spd_results.json", self.cm.module_to_c, metrics, extra)
-        if self.eval_cfg.figures == "off":
-            return
-        figures = self._figures(metrics)
-        save_figures(figures, out / "figures", close=False)  # PNGs beside spd_results.json
-        log_figures(self.loggers, figures, self.global_step)
+        members = {}
+        for seed, cm, acc in self._evals:
+            metrics = self._summary(cm, acc)[0] if acc.n_examples else {}
+            if datamodule is not None and self.objective.pgd.multibatch_n_batches:
+                batches = (
+                    self._split(self.trainer.strategy.batch_to_device(b))[0]
+                    for b in datamodule.val_dataloader()
+                )
+                generator = self.mask_generator(self.device, 0)
+                if seed is not None:  # this member's own
+                    generator = generator[self.hparams.member_seeds.index(seed)]
+                metrics.update(pgd_multibatch_metrics(cm, self.objective, batches, generator))
+            folder = out if seed is None else out / "members" / f"seed_{seed}"
+            member_extra = extra if seed is None else {**extra, "seed": seed}
+            members[str(seed)] = write_results(
+                folder / "spd_results.json", cm.module_to_c, metrics, member_extra
+            )
+            if self.eval_cfg.figures != "off":
+                figures = self._figures(cm, acc, metrics)
+                save_figures(figures, folder / "figures", close=False)  # PNGs beside spd_results.json
+                log_figures(self.loggers, _tagged(figures, seed), self.global_step)
+        if self._evals and self._evals[0][0] is not None:
+            summary = {**extra, "member_seeds": list(self.hparams.member_seeds), "members": members}
+            (out / "spd_results.json").write_text(json.dumps(summary, indent=2, default=float))
+        self._close_eval()
+
+
+def _tagged(figures: dict[str, Any], seed: int | None) -> dict[str, Any]:
+    """Figures' tags, prefixed with the member's (member_<seed>/...) when there is one."""
+    return figures if seed is None else {f"member_{seed}/{tag}": fig for tag, fig in figures.items()}

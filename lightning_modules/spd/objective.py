@@ -75,7 +75,12 @@ class SPDObjective(ObjectiveConfig):
     def __call__(
         self, model: ComponentModel, batch: Tensor, step_frac: float, generator: torch.Generator | None = None
     ) -> ObjectiveOutput:
-        """All active terms for one batch (masks resampled independently for every term)."""
+        """All active terms for one batch (masks resampled independently for every term). For a member
+        ensemble (model.members = k) each term is the mean over the members of each one's and the total
+        the sum of the members' totals (members.py); `generator` then a MemberGenerators, or one generator
+        drawing for all members."""
+        if model.members is not None:
+            self.check_members()
         with torch.no_grad():
             target_out, acts = model(batch, cache_acts=True)  # clean output, each module's input
         ci, ci_upper = model.calc_causal_importances(acts, sampling=self.sampling)
@@ -99,7 +104,7 @@ class SPDObjective(ObjectiveConfig):
         # term from the target's output instead, the same function rounded otherwise
         delta_formed = self.use_delta_component and not from_output
         fold = self._folds_stochastic_terms(list(active), len(ci))
-        fold = fold and not (model.autocast_active and delta_formed)
+        fold = fold and not (model.autocast_active and delta_formed) and model.members is None
         terms: dict[str, Tensor] = {}
         for name in active:
             if name in terms:  # computed with the term before it (fold)
@@ -113,7 +118,7 @@ class SPDObjective(ObjectiveConfig):
             elif name == "faithfulness":
                 terms[name] = L.faithfulness_loss(deltas)
             elif name == "importance_minimality":
-                terms[name] = L.importance_minimality_loss(ci_upper, self.p(step_frac))
+                terms[name] = L.importance_minimality_loss(ci_upper, self.p(step_frac), members=model.members)
             elif name == "stochastic_recon_subset" and self.subset_routing != "uniform_k_subset":
                 terms[name] = L.stochastic_recon_routed_loss(
                     model, batch, recon_target, ci, recon_deltas, self.subset_router(), self.sampling,
@@ -150,7 +155,20 @@ class SPDObjective(ObjectiveConfig):
             elif name == "stochastic_hidden_acts_recon":
                 terms[name] = L.stochastic_hidden_acts_recon_loss(model, batch, acts, sampler)
         total = sum(self.loss_coeffs[k] * v for k, v in terms.items())
+        if model.members is not None:  # the members' mean -> their sum: each member its own run's gradient
+            total = total * model.members
         return ObjectiveOutput(total, terms, ci, ci_upper, target_out, acts)
+
+    def check_members(self) -> None:
+        """What member ensembles cannot run (members.py), as a clear error."""
+        if self.output_loss_type != "mse":
+            raise ValueError(
+                f"members: output_loss_type must be 'mse' (toy targets), got {self.output_loss_type!r}"
+            )
+        if self.layerwise_batch > 1:
+            raise ValueError(
+                f"members: layerwise_batch must be 1 (row-sliced forwards), got {self.layerwise_batch}"
+            )
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -277,11 +295,12 @@ def faithfulness_warmup(model: ComponentModel, steps: int, lr: float, weight_dec
     loss = torch.zeros(())
     with torch.enable_grad():
         for _ in range(steps):
-            loss = L.faithfulness_loss(model.weight_deltas())
+            # members: the mean over the members -> their sum (each member its own run's gradient)
+            loss = L.faithfulness_loss(model.weight_deltas()) * (model.members or 1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    return loss.detach().item()
+    return loss.detach().item() / (model.members or 1)
 
 
 def write_results(

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .component_model import uniform_k_subset_routing_masks
+from .members import uniform
 
 SUBSET_ROUTINGS = ("uniform_k_subset", "static_probability")
 
@@ -60,10 +61,7 @@ class StaticProbabilityRouter:
         generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
         """{module: (...) bool}, drawn module by module in the given order."""
-        return {
-            name: torch.rand(tuple(shape), generator=generator, device=device) < self.p
-            for name in module_names
-        }
+        return {name: uniform(shape, generator, device) < self.p for name in module_names}
 
 
 def make_subset_router(kind: str, p: float | None = None) -> Router:

@@ -1,0 +1,194 @@
+"""Kernel launches of one whole training step of an SPD recipe, as train.py runs it (Lightning's loop,
+the optimizer, logging and the progress bar included), counted on a CPU: how launch-bound the recipe's
+step is on a GPU, and what a variant or a setting changes there.
+
+A GPU running a toy recipe at the reference's sizes mostly waits for launches: on the H200 the 2-layer
+ResidMLP's step took 33 ms with five runs sharing the GPU, for about 70 GFLOP each, a few ms of arithmetic
+(docs/spd.md). Its step time then follows the number of kernels it issues, which a CPU can count:
+
+- eager steps: every operator call that does work (benchmarks/op_count.count_ops, below autograd: the
+  forward, the backward, the optimizer's step, logging), and apart from them the device-to-host reads
+  (`.item()`: on a GPU each waits for every kernel queued before it);
+- compiled steps (a variant with `compile: true`): op_count's estimate, the outermost profiled calls of
+  the operators the eager step runs plus each kernel Inductor generates.
+
+The step counted is the fourth (`--at-batch`), after compilation; the target is the recipe's toy model,
+freshly initialised (the count does not depend on its training), the batch as small as `--batch-size`
+(the count does not depend on it either). Writes benchmarks/results/spd_step_launches.json:
+
+    python benchmarks/spd_step_launches.py --suites resid_mlp2 resid_mlp2_compile resid_mlp3 resid_mlp3_compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from benchmarks.op_count import (  # noqa: E402
+    SYNC,
+    OpCounter,
+    count_summary,
+    enable_compiled_kernel_events,
+    launches_in_profile,
+)
+from benchmarks.results import run_metadata, write_results  # noqa: E402
+from benchmarks.spd_toy_suite import base_suite, config_args, suite_configs  # noqa: E402
+from lightning_modules.spd import ci_functions  # noqa: E402
+from lightning_modules.spd.targets import build_toy_model, save_toy_target  # noqa: E402
+from train import cli_main  # noqa: E402
+
+RESULTS_NAME = "spd_step_launches"
+
+
+class StepOpCounter(OpCounter):
+    """OpCounter that leaves out the reads of AdamW's step counters: host tensors on a GPU too (without
+    `capturable`), so reading them waits for nothing there."""
+
+    def __init__(self, host_tensors: set[int]) -> None:
+        super().__init__()
+        self.host_tensors = host_tensors
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func.overloadpacket.__name__ == SYNC and args and id(args[0]) in self.host_tensors:
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+class StepCount(Callback):
+    """Counts one training batch, from on_train_batch_start to on_train_batch_end: its operator calls
+    (mode "ops", a dispatch mode) or a CPU profile of it (mode "profile", for compiled code)."""
+
+    def __init__(self, at_batch: int, mode: str) -> None:
+        self.at_batch, self.mode = at_batch, mode
+        self._active: Any = None
+        self.counter: OpCounter | None = None
+        self.profile: profile | None = None
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, i: int) -> None:
+        if i != self.at_batch:
+            return
+        if self.mode == "ops":
+            steps = {
+                id(state["step"])
+                for optimizer in trainer.optimizers
+                for state in optimizer.state.values()
+                if "step" in state
+            }
+            self._active = self.counter = StepOpCounter(steps)
+        else:
+            self._active = self.profile = profile(activities=[ProfilerActivity.CPU])
+        self._active.__enter__()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if self._active is not None:
+            self._active.__exit__(None, None, None)
+            self._active = None
+
+
+def target_file(suite: str, folder: Path) -> Path:
+    """The suite's toy target, freshly initialised from its target config's model_kwargs."""
+    config = yaml.safe_load((ROOT / "configs" / "spd" / f"{base_suite(suite)}_target.yaml").read_text())
+    init = config["model"]["init_args"]
+    model = build_toy_model(init["model_type"], init["model_kwargs"])
+    return save_toy_target(
+        folder / f"{base_suite(suite)}.pt", model, init["model_type"], init["model_kwargs"]
+    )
+
+
+def count_step(
+    suite: str, target: Path, root: Path, mode: str, at_batch: int, batch_size: int, members: int = 1
+) -> StepCount:
+    """Run the suite's recipe through train.py's CLI for at_batch + 1 steps, counting the last one; with
+    members > 1 as a member ensemble of that many seeds (lightning_modules/spd/members.py)."""
+    args = [*config_args(suite), "--model.init_args.target", str(target),
+            "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(at_batch + 1),
+            "--trainer.val_check_interval", str(at_batch + 1),
+            "--model.init_args.evaluation.final_eval_batches", "1", "--data.init_args.batch_size", str(batch_size),
+            "--model.init_args.faithfulness_warmup.steps", "0", "--model.init_args.evaluation.figures", "off", "--trainer.accelerator", "cpu",
+            # AdamW as on a GPU: its foreach form (a CPU's default loops over the tensors)
+            "--model.init_args.optimizer.init_args.foreach", "true"]  # fmt: skip
+    if members > 1:
+        args += ["--model.init_args.member_seeds", json.dumps(list(range(members)))]
+    cli = cli_main(args, run=False)
+    counter = StepCount(at_batch, mode)
+    cli.trainer.callbacks.append(counter)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return counter
+
+
+def compiles(suite: str) -> bool:
+    """Whether the suite's recipe (its last config files over the first) sets compile: true."""
+    value = False
+    for path in suite_configs(suite):
+        init = (yaml.safe_load(path.read_text()).get("model") or {}).get("init_args") or {}
+        value = init.get("compile", value)
+    return bool(value)
+
+
+def eager_twin(suite: str) -> str:
+    """The suite without its compile variant: the base suite."""
+    return base_suite(suite)
+
+
+def measure(suite: str, folder: Path, at_batch: int, batch_size: int, members: int = 1) -> dict[str, Any]:
+    """{ops, syncs, launches} of one step of the suite's recipe; a compiled recipe's launches are op_count's
+    estimate (its eager twin's working operators by name, each Inductor kernel), and it has no op count."""
+    target = target_file(suite, folder)
+    eager = count_step(
+        eager_twin(suite), target, folder / f"{suite}_eager", "ops", at_batch, batch_size, members
+    )
+    summary = count_summary(eager.counter)
+    row: dict[str, Any] = {"compile": compiles(suite), "members": members, "syncs": summary["syncs"]}
+    if not row["compile"]:
+        return row | {"ops": summary["work"], "launches": summary["work"], "by_op": summary["by_op"]}
+    compiled = count_step(
+        suite, target, folder / f"{suite}_compiled", "profile", at_batch, batch_size, members
+    )
+    launches = launches_in_profile(compiled.profile, set(summary["by_op"]))
+    return row | {"ops": None, **launches, "eager_launches": summary["work"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--suites", nargs="+", required=True, help="e.g. resid_mlp2 resid_mlp2_compile")
+    parser.add_argument("--at-batch", type=int, default=3, help="the step counted (0-based), after compiling")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--members", type=int, nargs="+", default=[1], help="ensemble sizes counted, e.g. 1 5"
+    )
+    parser.add_argument("--name", default=RESULTS_NAME)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    enable_compiled_kernel_events()  # before anything compiles
+    ci_functions.BLOCKED_CPU_PATH = (
+        False  # the `mlp` CI functions' graph as a GPU runs it, not the CPU's kernel
+    )
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for suite in args.suites:
+            for members in args.members:
+                key = suite if members == 1 else f"{suite} x{members} members"
+                results[key] = row = measure(suite, Path(tmp), args.at_batch, args.batch_size, members)
+                print(f"{key}: {row['launches']} launches, {row['syncs']} syncs", flush=True)
+    meta = run_metadata()
+    write_results(
+        args.name, meta, {"at_batch": args.at_batch, "batch_size": args.batch_size, "suites": results}
+    )
+
+
+if __name__ == "__main__":
+    main()
