@@ -172,6 +172,7 @@ def main() -> None:
     )
     parser.add_argument("--name", default=RESULTS_NAME)
     args = parser.parse_args()
+    meta = run_metadata()  # before the runs: the commit and load they ran at
     torch.set_num_threads(1)
     enable_compiled_kernel_events()  # before anything compiles
     ci_functions.BLOCKED_CPU_PATH = (
@@ -184,7 +185,6 @@ def main() -> None:
                 key = suite if members == 1 else f"{suite} x{members} members"
                 results[key] = row = measure(suite, Path(tmp), args.at_batch, args.batch_size, members)
                 print(f"{key}: {row['launches']} launches, {row['syncs']} syncs", flush=True)
-    meta = run_metadata()
     write_results(
         args.name, meta, {"at_batch": args.at_batch, "batch_size": args.batch_size, "suites": results}
     )

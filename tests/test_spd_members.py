@@ -209,3 +209,12 @@ def test_member_seeds_must_be_distinct_ints(tmp_path):
     for bad, message in (([], "non-empty"), ([3, 3], "repeats"), ([3, "a"], "must be ints")):
         with pytest.raises(ValueError, match=message):
             spd_module(tmp_path / "t.pt", member_seeds=bad)
+
+
+def test_mlp_members_through_autograd_as_on_a_gpu(monkeypatch):
+    """The `mlp` CI functions' members side by side through autograd's graph (a GPU's path; a CPU's eager
+    calls take ScalarMLPFunction): the same losses and gradients as the runs."""
+    from lightning_modules.spd import ci_functions
+
+    monkeypatch.setattr(ci_functions, "BLOCKED_CPU_PATH", False)
+    test_members_give_each_member_its_own_runs_losses_and_gradients("resid_mlp", "stochastic", "mlp")

@@ -46,15 +46,34 @@ class _ParallelMLP(nn.Module):
 
     def _layers(self, h: Tensor, start: int) -> Tensor:
         """Apply layers start.. to h (..., C, in) -> (..., C) (GELU before every layer after the first)."""
-        for i in range(start, len(self.weights)):
-            if i > 0:
-                h = nn.functional.gelu(h)
-            w = self.weights[i]  # (C, in, out)
-            if w.shape[-1] == 1:  # the output layer: a per-component dot product, cheaper than a bmm
-                h = (h * w[..., 0]).sum(-1, keepdim=True) + self.biases[i]
-            else:
-                h = torch.einsum("...ci,cio->...co", h, w) + self.biases[i]
-        return h.squeeze(-1)
+        return parallel_layers(h, list(self.weights), list(self.biases), start)
+
+
+def parallel_layers(h: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], start: int) -> Tensor:
+    """C independent MLPs' layers start.. on h (..., C, in) -> (..., C): weights (C, in, out), biases
+    (C, out), GELU before every layer after the first."""
+    for i in range(start, len(weights)):
+        if i > 0:
+            h = nn.functional.gelu(h)
+        w = weights[i]  # (C, in, out)
+        if w.shape[-1] == 1:  # the output layer: a per-component dot product, cheaper than a bmm
+            h = (h * w[..., 0]).sum(-1, keepdim=True) + biases[i]
+        else:
+            h = torch.einsum("...ci,cio->...co", h, w) + biases[i]
+    return h.squeeze(-1)
+
+
+def scalar_mlps(g: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor]) -> Tensor:
+    """C independent scalar MLPs 1 -> ... -> 1 on g (..., C) -> (..., C), weights[i] (C, in, out), biases[i]
+    (C, out); on eager CPU calls with one hidden layer through ScalarMLPFunction (BLOCKED_CPU_PATH)."""
+    blocked = BLOCKED_CPU_PATH and len(weights) == 2 and g.device.type == "cpu"
+    if blocked and not torch.compiler.is_compiling():
+        # eager CPU only: on GPUs and under torch.compile, autograd's graph is fused anyway
+        w1, w2 = weights[0][:, 0, :], weights[1][..., 0]  # (C, H) each
+        return ScalarMLPFunction.apply(g, w1, biases[0], w2, biases[1][:, 0])
+    # First layer has fan-in 1: an elementwise affine map per (component, hidden unit).
+    h = g.unsqueeze(-1) * weights[0][:, 0, :] + biases[0]  # (..., C, h0)
+    return parallel_layers(h, weights, biases, start=1)
 
 
 _BLOCK_ELEMENTS = 1 << 18  # ~1 MiB of float32 per (rows, C, H) block: stays in L2 cache
@@ -115,22 +134,10 @@ class MLPCiFn(_ParallelMLP):
 
     def __init__(self, C: int, hidden_dims: Sequence[int]) -> None:
         super().__init__(C, [1, *hidden_dims, 1])
-        # ScalarMLPFunction on eager CPU calls; off for a member ensemble's template (members.StackedCiFn),
-        # which runs under vmap, where a custom autograd.Function without a vmap rule cannot
-        self.blocked_cpu_path = True
 
     def forward(self, g: Tensor) -> Tensor:
         """g (..., C) -> (..., C)."""
-        blocked = (
-            BLOCKED_CPU_PATH and self.blocked_cpu_path and len(self.weights) == 2 and g.device.type == "cpu"
-        )
-        if blocked and not torch.compiler.is_compiling():
-            # eager CPU only: on GPUs and under torch.compile, autograd's graph is fused anyway
-            w1, w2 = self.weights[0][:, 0, :], self.weights[1][..., 0]  # (C, H) each
-            return ScalarMLPFunction.apply(g, w1, self.biases[0], w2, self.biases[1][:, 0])
-        # First layer has fan-in 1: an elementwise affine map per (component, hidden unit).
-        h = g.unsqueeze(-1) * self.weights[0][:, 0, :] + self.biases[0]  # (..., C, h0)
-        return self._layers(h, start=1)
+        return scalar_mlps(g, list(self.weights), list(self.biases))
 
 
 class VectorMLPCiFn(_ParallelMLP):

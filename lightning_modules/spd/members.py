@@ -31,6 +31,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from .ci_functions import MLPCiFn, scalar_mlps
+
 if TYPE_CHECKING:
     from .component_model import ComponentModel
 
@@ -89,8 +91,9 @@ class StackedCiFn(nn.Module):
     def __init__(self, fns: Sequence[nn.Module]) -> None:
         super().__init__()
         template = copy.deepcopy(fns[0])
-        if hasattr(template, "blocked_cpu_path"):
-            template.blocked_cpu_path = False  # its custom autograd.Function has no vmap rule
+        # `mlp`: scalar MLPs, independent per (member, component): one call with the members' components
+        # side by side (k C of them) instead of vmap (ScalarMLPFunction, the CPU's, has no vmap rule)
+        self.scalar = isinstance(template, MLPCiFn)
         # not a submodule: .to() and state_dict leave it alone; functional_call swaps in the members' tensors
         self.__dict__["_template"] = template.to("meta")
         self.takes_component_acts = fns[0].takes_component_acts
@@ -107,6 +110,13 @@ class StackedCiFn(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (n, d) shared by the members or (k, n, d) one per member -> (k, n, C)."""
+        if self.scalar:  # x: the component acts g (k, n, C)
+            k, n, C = x.shape
+            params = dict(zip(self.names, self.stacked))
+            weights = [params[f"weights.{i}"].flatten(0, 1) for i in range(len(self.stacked) // 2)]
+            biases = [params[f"biases.{i}"].flatten(0, 1) for i in range(len(self.stacked) // 2)]
+            side_by_side = x.permute(1, 0, 2).reshape(n, k * C)  # (n, k C)
+            return scalar_mlps(side_by_side, weights, biases).reshape(n, k, C).permute(1, 0, 2)
         params = dict(zip(self.names, self.stacked))
 
         def one(p: dict[str, Tensor], inp: Tensor) -> Tensor:

@@ -197,23 +197,25 @@ class SPDLightningModule(pl.LightningModule):
         patterns = dict(hp.target_module_patterns)
         head = output_head_name(target)  # fused into the KL losses unless it is decomposed itself
         head = None if head in match_target_modules(target, patterns) else head
-        new_cm = partial(
-            ComponentModel, target, patterns, cfg.ci_fn_type, cfg.ci_fn_hidden_dims, cfg.sigmoid_type,
-            output_head=head,
-        )  # fmt: skip
-        self._new_cm = new_cm  # a member's one-member copy is built alike (_member_views)
+
+        def new_cm(target: nn.Module, members: int | None = None) -> ComponentModel:
+            return ComponentModel(
+                target, patterns, cfg.ci_fn_type, cfg.ci_fn_hidden_dims, cfg.sigmoid_type,
+                output_head=head, members=members,
+            )  # fmt: skip
+
+        self._new_cm = partial(new_cm, target)  # a member's one-member copy is built alike (_member_views)
         seeds = hp.get("member_seeds")
         if seeds:
-            cm = new_cm(members=len(seeds))
+            cm = new_cm(target, len(seeds))
             singles = []
             for seed in seeds:  # each member initialised as its own run (seed_everything(seed)) is: from the
                 torch.manual_seed(seed)  # seed, after the same draws (loading a toy target initialises one)
-                own = partial(new_cm.func, load(), *new_cm.args[1:], **new_cm.keywords)()
-                own.remove_hooks()
-                singles.append(own)
+                singles.append(new_cm(load()))
+                singles[-1].remove_hooks()
             load_members(cm, singles)
         else:
-            cm = new_cm()
+            cm = new_cm(target)
         for dst, src in (cfg.tied_components or {}).items():
             if dst not in cm.module_to_c or src not in cm.module_to_c:
                 raise ValueError(
