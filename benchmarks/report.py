@@ -53,6 +53,11 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min {secs} s"
 
 
+def _hours_or_minutes(seconds: float) -> str:
+    """'6.5 h', or '2.2 min' under an hour."""
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
 def _count(n: int) -> str:
     """1,352,448 -> '1.35M'; 87,552 -> '87.6k'."""
     if n >= 1e6:
@@ -782,7 +787,7 @@ def render_spd_toy_suite(payload: Payload) -> list[str]:
         line = (
             f"- {label}: {status}; {timing['step_s']:.3f} s per step measured (`--time-steps "
             f"{timing['steps'][0]}`), so the shipped {timing['config_steps']:,} steps take about "
-            f"{timing['estimated_run_s'] / 3600:.1f} h per seed at that speed."
+            f"{_hours_or_minutes(timing['estimated_run_s'])} per seed at that speed."
         )
         ensemble = timing.get("members")
         if ensemble and ensemble.get("step_s") and ensemble.get("runs_per_ensemble_time"):

@@ -11,7 +11,8 @@
 #    the seeds SEEDS as one member ensemble (spd_toy_suite.py --members: one process whose member i is the
 #    run of seed i, lightning_modules/spd/members.py), float32 matmuls on TF32 tensor cores unless TF32=0;
 #    targets are reused from $WORK/targets when there (trained on a CPU beforehand, carried).
-# 4. Writes the suites' results JSON, nvidia-smi's view and the runs' logs and metrics (no checkpoints) to $OUT.
+# 4. Writes to $OUT the suites' results JSON, the smoke run's, machine.txt (nvidia-smi's view, cores), and the
+#    logs and metrics (no checkpoints) in two archives: six files (a device call returns at most eight).
 #
 # Every suite stops at BUDGET seconds from the start; a suite stopped early writes no JSON, but its logs come
 # back, and a second call on the same (still warm) machine continues it: --resume continues the stopped
@@ -27,7 +28,8 @@ EXTRA=${EXTRA:-}              # more spd_toy_suite.py options for every suite (s
 SUITES=${SUITES:-resid_mlp2 resid_mlp3}
 TF32=${TF32:-1}
 start=$(date +%s)
-mkdir -p "$OUT" "$WORK"
+LOGS="$WORK/call_logs"  # this call's logs: archived into $OUT at the end
+mkdir -p "$OUT" "$WORK" "$LOGS"
 tf32=""
 [ "$TF32" = 1 ] && tf32="--tf32"
 
@@ -38,8 +40,8 @@ if ! python3 -c "import jsonargparse" 2>/dev/null; then
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 python3 -c "import jsonargparse, train, lightning_modules.spd" || exit 4
-{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv ; } >"$OUT/nvidia_smi.csv" 2>&1
-nproc >"$OUT/nproc.txt"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; echo "cores: $(nproc)"; } \
+    >"$OUT/machine.txt" 2>&1
 
 left() { echo $((BUDGET - ($(date +%s) - start))); }
 
@@ -47,13 +49,13 @@ left() { echo $((BUDGET - ($(date +%s) - start))); }
 # that shows only at a run's end costs seconds here instead of the lease
 first=${SUITES%% *}
 python3 benchmarks/spd_toy_suite.py --suite "$first" --target-only --accelerator "$ACCEL" --work "$WORK" \
-    >"$OUT/target.log" 2>&1 || { tail -n 30 "$OUT/target.log"; exit 5; }
+    >"$LOGS/target.log" 2>&1 || { tail -n 30 "$LOGS/target.log"; exit 5; }
 if [ "$SMOKE" = 1 ]; then
     mkdir -p "$WORK/smoke/targets" && cp "$WORK/targets/$first".* "$WORK/smoke/targets/"
     timeout 150 python3 benchmarks/spd_toy_suite.py --suite "$first" --seeds 98,99 --members --max-steps 20 \
-        --figures end --accelerator "$ACCEL" $tf32 --work "$WORK/smoke" --out "$OUT/smoke.json" >"$OUT/smoke.log" 2>&1
+        --figures end --accelerator "$ACCEL" $tf32 --work "$WORK/smoke" --out "$OUT/smoke.json" >"$LOGS/smoke.log" 2>&1
     if ! grep -q '"ran": true' "$OUT/smoke.json" 2>/dev/null; then
-        echo "smoke run failed:"; tail -n 30 "$OUT/smoke.log" "$WORK"/smoke/*.log; exit 5
+        echo "smoke run failed:"; tail -n 30 "$LOGS/smoke.log" "$WORK"/smoke/*.log; exit 5
     fi
 fi
 
@@ -61,11 +63,11 @@ for suite in $SUITES; do
     [ "$(left)" -gt 30 ] || { echo "$suite: no time left"; break; }
     timeout "$(left)" python3 benchmarks/spd_toy_suite.py --suite "$suite" --seeds "$SEEDS" --members --figures end \
         --resume --accelerator "$ACCEL" $tf32 --work "$WORK" --out "$OUT/spd_toy_suite_gpu_$suite.json" $EXTRA \
-        >"$OUT/suite_$suite.log" 2>&1
+        >"$LOGS/suite_$suite.log" 2>&1
     echo "$suite suite rc $? at $(( $(date +%s) - start )) s"
-    tail -n 12 "$OUT/suite_$suite.log"
+    tail -n 12 "$LOGS/suite_$suite.log"
 done
-for log in "$WORK"/resid_mlp*_members*.log; do echo "== $log"; tail -n 6 "$log"; done
+for log in "$WORK"/*_members*.log; do echo "== $log"; tail -n 6 "$log"; done
 
 tar czf "$OUT/spd_gpu_logs.tgz" --exclude='*.ckpt' --exclude='*.pt' --exclude='*.png' --exclude='events.out.*' "$WORK"
 find "$WORK/runs" -name 'events.out.*' -path "*_members*" -print0 | tar czf "$OUT/spd_gpu_events.tgz" --null -T -

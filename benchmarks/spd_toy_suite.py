@@ -258,6 +258,27 @@ def checkpoint_step(ckpt: Path) -> int:
     return int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"])
 
 
+def fit_args(
+    suite: str,
+    seed_args: list[str],
+    target: dict[str, Any],
+    root: Path,
+    max_steps: int | None,
+    figures: str | None,
+    resume_from: Path | None,
+) -> list[str]:
+    """train.py fit's arguments for one decomposition run of the suite (seed_args: its seed's or members')."""
+    args = [*config_args(suite), *seed_args, "--model.init_args.target", target["path"],
+            "--trainer.default_root_dir", str(root)]  # fmt: skip
+    if max_steps is not None:
+        args += ["--trainer.max_steps", str(max_steps)]
+    if figures is not None:
+        args += ["--model.init_args.evaluation.figures", figures]
+    if resume_from is not None:
+        args += ["--ckpt_path", str(resume_from)]
+    return args
+
+
 def decompose(
     suite: str,
     seed: int,
@@ -283,14 +304,7 @@ def decompose(
             return row
     resume_from = unfinished_checkpoint(root) if resume else None
     resumed_step = None if resume_from is None else checkpoint_step(resume_from)
-    args = [*config_args(suite), "--seed_everything", str(seed),
-            "--model.init_args.target", target["path"], "--trainer.default_root_dir", str(root)]  # fmt: skip
-    if max_steps is not None:
-        args += ["--trainer.max_steps", str(max_steps)]
-    if figures is not None:
-        args += ["--model.init_args.evaluation.figures", figures]
-    if resume_from is not None:
-        args += ["--ckpt_path", str(resume_from)]
+    args = fit_args(suite, ["--seed_everything", str(seed)], target, root, max_steps, figures, resume_from)
     rc, wall = run_train(args, work / f"{suite}_seed{seed}.log", machine, append=resume_from is not None)
     row: dict[str, Any] = {"suite": suite, "seed": seed, "steps": steps, "wall_s": round(wall, 1),
                            "accelerator": machine.accelerator, **machine.tags()}  # fmt: skip
@@ -378,15 +392,8 @@ def decompose_members(
             print(f"{suite} seeds {seeds}: kept the finished ensemble's rows")
             return rows
     resume_from = unfinished_checkpoint(root) if resume else None
-    args = [*config_args(suite), "--seed_everything", str(seeds[0]), "--model.init_args.member_seeds",
-            json.dumps(seeds), "--model.init_args.target", target["path"],
-            "--trainer.default_root_dir", str(root)]  # fmt: skip
-    if max_steps is not None:
-        args += ["--trainer.max_steps", str(max_steps)]
-    if figures is not None:
-        args += ["--model.init_args.evaluation.figures", figures]
-    if resume_from is not None:
-        args += ["--ckpt_path", str(resume_from)]
+    seed_args = ["--seed_everything", str(seeds[0]), "--model.init_args.member_seeds", json.dumps(seeds)]
+    args = fit_args(suite, seed_args, target, root, max_steps, figures, resume_from)
     rc, wall = run_train(args, work / f"{name}.log", machine, append=resume_from is not None)
     base = {"suite": suite, "steps": steps, "wall_s": round(wall / len(seeds), 1), "ensemble_wall_s": round(wall, 1),
             "members": seeds, "accelerator": machine.accelerator, **machine.tags()}  # fmt: skip

@@ -218,3 +218,35 @@ def test_mlp_members_through_autograd_as_on_a_gpu(monkeypatch):
 
     monkeypatch.setattr(ci_functions, "BLOCKED_CPU_PATH", False)
     test_members_give_each_member_its_own_runs_losses_and_gradients("resid_mlp", "stochastic", "mlp")
+
+
+def test_a_resumed_member_run_is_its_resumed_runs(tmp_path):
+    """Stopped at step 2 and resumed from its checkpoint to step 4, a member run ends where its two runs,
+    stopped and resumed alike, end: the stacked parameters load back, the members' generators reseed."""
+    import lightning.pytorch as pl
+
+    from lightning_modules.spd.module import SPDLightningModule
+    from lightning_modules.spd.toy_models import TMSModel
+    from tests.test_spd_module import fit, spd_module, toy_data
+
+    torch.manual_seed(2)
+    target = save_toy_target(tmp_path / "tms.pt", TMSModel(5, 2), "tms", {"n_features": 5, "n_hidden": 2})
+
+    def stopped_and_resumed(seed: int, **kwargs) -> SPDLightningModule:
+        pl.seed_everything(seed)
+        trainer = fit(spd_module(target, **kwargs), toy_data(), tmp_path / f"first{seed}", steps=2)
+        trainer.save_checkpoint(tmp_path / f"{seed}.ckpt")
+        pl.seed_everything(seed)
+        resumed = spd_module(target, **kwargs)
+        fit(resumed, toy_data(), tmp_path / f"resumed{seed}", steps=4, ckpt_path=tmp_path / f"{seed}.ckpt")
+        assert resumed.global_step == 4
+        return resumed
+
+    together = stopped_and_resumed(0, member_seeds=[3, 4])
+    loaded = SPDLightningModule.load_from_checkpoint(tmp_path / "0.ckpt", weights_only=True)
+    assert loaded.cm.members == 2 and loaded.hparams.member_seeds == [3, 4]
+    for i, seed in enumerate((3, 4)):
+        single = stopped_and_resumed(seed)
+        for name in single.cm.module_names:
+            got, want = together.cm.component(name).V[i], single.cm.component(name).V
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
