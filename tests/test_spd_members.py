@@ -201,6 +201,14 @@ def test_member_seeds_fit_gives_each_member_its_own_runs_parameters_and_results(
         for name, row in theirs["modules"].items():
             assert mine["modules"][name]["alive_components"] == row["alive_components"]
             assert mine["modules"][name]["mmcs"] == pytest.approx(row["mmcs"], rel=1e-4)
+    from lightning_modules.spd.figures import rerender
+
+    trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")
+    paths = rerender(out, tmp_path / "again")  # each member's figures where its run keeps them
+    assert {p.relative_to(tmp_path / "again").parts[:2] for p in paths} == {
+        ("members", "seed_3"),
+        ("members", "seed_4"),
+    }
 
 
 def test_member_seeds_must_be_distinct_ints(tmp_path):
