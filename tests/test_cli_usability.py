@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_modules.common.user_errors import describe_parser_error
-from tests.helpers.cli import FAST, TINY, run_train
+from tests.helpers.cli import FAST, ROOT, TINY, run_train
 
 MAX_ERROR_LINES = 6  # the message (up to ~5 lines) and the --debug hint
 
@@ -37,6 +37,15 @@ def test_non_numeric_learning_rate_says_a_float_is_expected(tmp_path):
     )
     assert "model.init_args.optimizer.init_args.lr = 'abc': expected float" in error
     assert "dot import path" not in error
+
+
+def test_a_setting_the_class_refuses_is_its_own_message(tmp_path):
+    """A value the LightningModule's __init__ rejects: its message alone, not jsonargparse's dump of every
+    setting given (an SPD recipe with a repeated member seed)."""
+    spd = ROOT / "configs" / "spd" / "tms_5-2.yaml"
+    error = fails_briefly(tmp_path, "fit", "--config", str(spd), "--model.init_args.member_seeds", "[10, 10]")
+    assert error.startswith("error: member_seeds repeats [10]: each member needs its own seed")
+    assert "Namespace" not in error and "NoneType" not in error
 
 
 def test_unknown_trainer_option_suggests_the_close_one(tmp_path):

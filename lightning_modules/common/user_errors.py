@@ -61,6 +61,9 @@ def suggest(name: str, valid: list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+UNION_FAILED = "Does not validate against any of the Union subtypes"
+
+
 def _outer_key(message: str) -> str:
     match = _PARSER_KEY.search(message)
     return match.group(1) if match else ""
@@ -100,16 +103,22 @@ def describe_parser_error(message: str, option_names: list[str] | None = None) -
         shown = f" = {value!r}" if value is not None else ""
         return f"error: {full_key}{shown}: expected {' or '.join(dict.fromkeys(expected))}"
     first = next((ln.strip() for ln in message.splitlines() if ln.strip()), message)
-    lines = [f"error: {first}"]
     leaves = [ln.strip(" -") for ln in message.splitlines() if ln.strip().startswith("- ")]
-    lines += [f"  {leaf}" for leaf in leaves[:3]]
+    # an optional class (a Union with None) lists "Expected a <class 'NoneType'>" beside the real reason
+    leaves = [leaf for leaf in leaves if "NoneType" not in leaf]
+    if UNION_FAILED in first and len(leaves) == 1:  # the class's own check: its message is the error
+        return f"error: {leaves[0]}"
+    lines = [f"error: {first}"] + [f"  {leaf}" for leaf in leaves[:3]]
     return "\n".join(lines)
 
 
 def describe(err: BaseException) -> str:
     """The message of a user error, first line prefixed with 'error: ' (at most a few lines); a message
-    already summarised that way (train.py's parser errors) is kept as it is."""
+    already summarised that way (train.py's parser errors) is kept as it is, and jsonargparse's report of
+    a class that refused its settings (a Union's every subtype, with the given value dumped) is summarised."""
     text = str(err).strip() or type(err).__name__
+    if text.startswith(UNION_FAILED):
+        return describe_parser_error(text)
     if isinstance(err, ModuleNotFoundError) and err.name:
         text = f"the optional package {err.name!r} is not installed ({text})"
     return text if text.startswith("error: ") else f"error: {text}"
