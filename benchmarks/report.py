@@ -772,13 +772,19 @@ def render_spd_toy_suite(payload: Payload) -> list[str]:
         "CI margins: the largest off-diagonal and smallest diagonal single-feature CI after the best "
         "permutation (identity CI error counts entries above 0.1 or below 0.9)."
     )
+    members = [run for run in r["runs"] if run.get("members")]
+    if members:
+        head += (
+            " Rows of a member ensemble (`--members`): its seeds trained as one run, each member its seed's "
+            "run; wall: the run's wall over its members."
+        )
     tail = []
     ran = {run["suite"] for run in r["runs"]}
     for suite, label in SPD_TOY_SUITES.items():
         timing = r.get("timing", {}).get(suite)
         status = "seeds as above" if suite in ran else "not run"
         if timing is None:
-            if suite not in ran:
+            if suite not in ran and not members:  # a members file lists what it ran
                 tail.append(f"- {label}: not run.")
             continue
         if timing["step_s"] is None:  # the two timing runs differed by less than their fixed costs' noise
