@@ -174,7 +174,10 @@ def test_member_seeds_fit_gives_each_member_its_own_runs_parameters_and_results(
     target = save_toy_target(tmp_path / "tms.pt", TMSModel(5, 2), "tms", {"n_features": 5, "n_hidden": 2})
     coeffs = {"stochastic_recon": 1.0, "stochastic_recon_layerwise": 0.5, "pgd_recon": 0.5,
               "importance_minimality": 3e-3}  # fmt: skip
-    overrides = {"objective": {"loss_coeffs": coeffs, "pgd": {"mask_scope": "shared_across_batch"}}}
+    overrides = {
+        "objective": {"loss_coeffs": coeffs, "pgd": {"mask_scope": "shared_across_batch"}},
+        "evaluation": {"figures": "off"},  # re-rendered below, per member
+    }
     singles = []
     for seed in (3, 4):
         pl.seed_everything(seed)
@@ -241,6 +244,7 @@ def test_a_resumed_member_run_is_its_resumed_runs(tmp_path):
     target = save_toy_target(tmp_path / "tms.pt", TMSModel(5, 2), "tms", {"n_features": 5, "n_hidden": 2})
 
     def stopped_and_resumed(seed: int, **kwargs) -> SPDLightningModule:
+        kwargs["evaluation"] = {"figures": "off"}
         pl.seed_everything(seed)
         trainer = fit(spd_module(target, **kwargs), toy_data(), tmp_path / f"first{seed}", steps=2)
         trainer.save_checkpoint(tmp_path / f"{seed}.ckpt")
