@@ -699,11 +699,12 @@ def uniform_k_subset_routing_masks(
     n = len(module_names)
     shape = tuple(shape)
     k = integers(1, n + 1, shape, generator, device)  # (...)
-    if isinstance(generator, MemberGenerators):  # member i: (n, ...) from its own generator
-        draws = [torch.rand((n, *shape[1:]), generator=g, device=device) for g in generator]
-        noise = torch.stack(draws, dim=1)  # (n, k, ...)
+    if isinstance(
+        generator, MemberGenerators
+    ):  # member i's (n, ...) from its own generator, then (n, k, ...)
+        noise = uniform((shape[0], n, *shape[1:]), generator, device).transpose(0, 1)
     else:
-        noise = torch.rand((n, *shape), generator=generator, device=device)
+        noise = uniform((n, *shape), generator, device)
     ranks = noise.argsort(0).argsort(0)  # (n, ...)
     return {name: ranks[i] < k for i, name in enumerate(module_names)}
 

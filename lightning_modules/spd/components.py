@@ -44,9 +44,7 @@ def module_in_out(module: nn.Module) -> tuple[int, int]:
 def _member_matmul(x: Tensor, w: Tensor) -> Tensor:
     """x @ w; for members' weights w (k, a, b): x (n, a), shared by the members, or (k, n, a), one per
     member, -> (k, n, b) (members are for targets whose decomposed modules take (batch, features))."""
-    if w.dim() == 2:
-        return x @ w
-    if x.dim() not in (2, 3):
+    if w.dim() == 3 and x.dim() not in (2, 3):
         raise ValueError(
             f"members: a module input must be (batch, d) or (members, batch, d), got {tuple(x.shape)}"
         )

@@ -103,21 +103,15 @@ class StackedCiFn(nn.Module):
             [torch.stack([dict(fn.named_parameters())[name].detach() for fn in fns]) for name in self.names]
         )
 
-    @property
-    def members(self) -> int:
-        """The number of members."""
-        return self.stacked[0].shape[0]
-
     def forward(self, x: Tensor) -> Tensor:
         """x (n, d) shared by the members or (k, n, d) one per member -> (k, n, C)."""
+        params = dict(zip(self.names, self.stacked))
         if self.scalar:  # x: the component acts g (k, n, C)
             k, n, C = x.shape
-            params = dict(zip(self.names, self.stacked))
             weights = [params[f"weights.{i}"].flatten(0, 1) for i in range(len(self.stacked) // 2)]
             biases = [params[f"biases.{i}"].flatten(0, 1) for i in range(len(self.stacked) // 2)]
             side_by_side = x.permute(1, 0, 2).reshape(n, k * C)  # (n, k C)
             return scalar_mlps(side_by_side, weights, biases).reshape(n, k, C).permute(1, 0, 2)
-        params = dict(zip(self.names, self.stacked))
 
         def one(p: dict[str, Tensor], inp: Tensor) -> Tensor:
             return functional_call(self._template, p, (inp,))
