@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seeds is None and args.time_steps is None and not args.target_only:
         parser.error("give --seeds, --time-steps or --target-only")
-    if args.target_max_steps is not None and args.seeds:
+    if args.target_max_steps is not None and args.seeds and args.time_steps is None:
         parser.error("--target-max-steps is for --time-steps only: decompositions need the shipped target")
     meta = run_metadata()
     machine = Machine(args.threads, args.accelerator, args.tf32)

@@ -49,6 +49,37 @@ def test_resid_mlp_recipes_have_the_reference_sizes(suite, d_embed, d_mlp, n_lay
     assert spd["trainer"]["max_steps"] == steps
 
 
+# goodfire-ai/spd 3f0bb61, spd/experiments/resid_mlp/resid_mlp{1,2,3}_config.yaml: the loss terms (ours by
+# their names here), importance p, CI function, lr and faithfulness warm-up weight decay; the 2-layer's PGD
+# term is PGDReconSubsetLoss (routed to uniform k-subsets), one step of size 1, sources shared by the batch
+REFERENCE_RECIPES = {
+    "resid_mlp1": ({"importance_minimality": 1e-5, "stochastic_recon_layerwise": 1.0, "stochastic_recon": 1.0},
+                   2.0, "mlp", [16], 2e-3, 0.1),
+    "resid_mlp2": ({"importance_minimality": 1e-4, "stochastic_recon_subset": 2.0, "pgd_recon_subset": 2.0},
+                   2.0, "shared_mlp", [256], 3e-4, 0.0),
+    "resid_mlp3": ({"importance_minimality": 1e-5, "stochastic_recon_layerwise": 1.0, "stochastic_recon": 1.0},
+                   2.0, "mlp", [128], 1e-3, 0.1),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("suite", sorted(REFERENCE_RECIPES))
+def test_resid_mlp_recipes_have_the_reference_objective(suite):
+    """The shipped ResidMLP recipes' loss terms and settings are the reference's (no term swapped for a
+    near relative, such as an all-modules PGD term for its subset one)."""
+    coeffs, p, ci_type, hidden, lr, warmup_wd = REFERENCE_RECIPES[suite]
+    init = _load(suite)["model"]["init_args"]
+    objective = init["objective"]
+    assert {k: v for k, v in objective["loss_coeffs"].items() if v > 0} == coeffs
+    assert objective["importance_p"] == p and objective["importance_p_end"] is None
+    assert (init["components"]["ci_fn_type"], init["components"]["ci_fn_hidden_dims"]) == (ci_type, hidden)
+    assert init["optimizer"]["init_args"]["lr"] == lr and init["min_lr_ratio"] == 1.0  # constant
+    assert init["faithfulness_warmup"] == {"steps": 200, "lr": 0.01, "weight_decay": warmup_wd}
+    if "pgd_recon_subset" in coeffs:
+        assert objective["pgd"] == {"n_steps": 1, "step_size": 1.0, "init": "random",
+                                    "mask_scope": "shared_across_batch"}  # fmt: skip
+        assert objective.get("subset_routing", "uniform_k_subset") == "uniform_k_subset"
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_variant_overlays_its_base_recipe(variant, tmp_path, monkeypatch):
     """A variant suite runs train.py on its base config with its overlay after it: the overlay's keys win
