@@ -75,8 +75,14 @@ def test_resid_mlp_recipes_have_the_reference_objective(suite):
     assert init["optimizer"]["init_args"]["lr"] == lr and init["min_lr_ratio"] == 1.0  # constant
     assert init["faithfulness_warmup"] == {"steps": 200, "lr": 0.01, "weight_decay": warmup_wd}
     if "pgd_recon_subset" in coeffs:
-        assert objective["pgd"] == {"n_steps": 1, "step_size": 1.0, "init": "random",
-                                    "mask_scope": "shared_across_batch"}  # fmt: skip
+        pgd = objective["pgd"]
+        assert {k: pgd[k] for k in ("n_steps", "step_size", "init", "mask_scope")} == {
+            "n_steps": 1, "step_size": 1.0, "init": "random", "mask_scope": "shared_across_batch"
+        }  # fmt: skip
+        # its evaluation's PGDReconLoss: 20 steps of 0.1 on one batch, all modules, one shared source
+        multibatch = (pgd["multibatch_n_batches"], pgd["multibatch_n_steps"], pgd["multibatch_step_size"])
+        assert multibatch == (1, 20, 0.1)
+        assert pgd["multibatch_routings"] == ["all"]
         assert objective.get("subset_routing", "uniform_k_subset") == "uniform_k_subset"
 
 
