@@ -888,6 +888,9 @@ def render_spd_step_launches(payload: Payload) -> list[str]:
         "one run's step over it",
         "syncs",
     ]
+    memory = [row["memory"] for row in suites.values() if "memory" in row]
+    if memory:
+        header += ["GB allocated per step", f"writing it at {HBM_TB_S:g} TB/s", "x the recipe's steps"]
     body = []
     single = {key: row for key, row in suites.items() if row.get("members", 1) == 1}
     for key, row in suites.items():
@@ -896,15 +899,41 @@ def render_spd_step_launches(payload: Payload) -> list[str]:
         per_member = row["launches"] / members
         ratio = f"{base['launches'] / per_member:.2f}x" if base is not None and members > 1 else "-"
         compiled = f" ({row['compiled_kernels']} compiled)" if row.get("compiled_kernels") else ""
-        body.append([f"`{key.split(' x')[0]}`", str(members), f"{row['launches']:,}{compiled}",
-                     f"{per_member:,.0f}", ratio, str(row["syncs"])])  # fmt: skip
+        cells = [f"`{key.split(' x')[0]}`", str(members), f"{row['launches']:,}{compiled}",
+                 f"{per_member:,.0f}", ratio, str(row["syncs"])]  # fmt: skip
+        if memory:
+            cells += _memory_cells(row.get("memory"))
+        body.append(cells)
     tail = (
         f"Step {r['at_batch'] + 1} of each recipe through train.py (after compiling), batch {r['batch_size']} "
         "(the count does not depend on it), AdamW in its foreach form as on a GPU; a compiled recipe's "
         "launches are op_count's CPU estimate (the operators its eager twin runs, each Inductor kernel). "
         "Syncs: device-to-host reads a GPU would wait on (AdamW's host-side step counters left out)."
     )
+    if memory:
+        batches = sorted({int(b) for m in memory for b in m["bytes_by_batch"]})
+        residual = max(m["fit_max_residual"] for m in memory)
+        tail += (
+            f" Allocated: the bytes of every tensor one step creates (the profiler's memory events; the eager "
+            "graph a GPU runs, the `mlp` CI functions' included, and the kernels Inductor generates), measured "
+            f"at batches {', '.join(map(str, batches))} and extrapolated along their least-squares line (largest "
+            f"residual {residual:.1%}) to the recipe's batch ({memory[0]['recipe_batch']}). A GPU writes at least "
+            f"that much per step: at an H100's {HBM_TB_S:g} TB/s of memory bandwidth (reads, and the launches, "
+            "not counted) it takes the time shown, and that times the recipe's steps for the whole run."
+        )
     return [*_table(header, None, body), "", tail]
+
+
+HBM_TB_S = 3.35  # an H100 SXM's memory bandwidth (the H200's: 4.8)
+
+
+def _memory_cells(memory: dict[str, Any] | None) -> list[str]:
+    """GB allocated per step at the recipe's batch, the time to write it at HBM_TB_S, and over the recipe."""
+    if memory is None:
+        return ["-", "-", "-"]
+    gb = memory["bytes_at_recipe_batch"] / 1e9
+    ms = gb / HBM_TB_S  # GB / (TB/s) = ms
+    return [f"{gb:.2f}", f"{ms:.1f} ms", _hours_or_minutes(ms * memory["recipe_steps"] / 1e3)]
 
 
 RENDERERS: dict[str, Callable[[Payload], list[str]]] = {

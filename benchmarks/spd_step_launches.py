@@ -14,7 +14,16 @@ ResidMLP's step took 33 ms with five runs sharing the GPU, for about 70 GFLOP ea
 
 The step counted is the fourth (`--at-batch`), after compilation; the target is the recipe's toy model,
 freshly initialised (the count does not depend on its training), the batch as small as `--batch-size`
-(the count does not depend on it either). Writes benchmarks/results/spd_step_launches.json:
+(the count does not depend on it either).
+
+Beside the launches, the memory a step allocates (every tensor its operators or compiled kernels create,
+from the profiler's memory events; the same eager graph as a GPU's, compiled code as Inductor generates
+it): a GPU must at least write those bytes to its memory, so at the recipe's batch they bound the step
+from below by the bandwidth as the launches do by the launch rate. Allocations grow linearly with the
+batch (activations) over a fixed part (parameters, optimizer), so they are measured at a few small
+batches (`--memory-batches`) and extrapolated to the recipe's (the fit's largest residual recorded): the
+recipe's batch itself would not fit a CPU's memory for the 3-layer's eager `mlp` CI functions, whose
+(batch, C, 128) tensors the compiled recipe never forms. Writes benchmarks/results/spd_step_launches.json:
 
     python benchmarks/spd_step_launches.py --suites resid_mlp2 resid_mlp2_compile resid_mlp3 resid_mlp3_compile
 """
@@ -44,7 +53,7 @@ from benchmarks.op_count import (  # noqa: E402
     launches_in_profile,
 )
 from benchmarks.results import run_metadata, write_results  # noqa: E402
-from benchmarks.spd_toy_suite import base_suite, config_args, suite_configs  # noqa: E402
+from benchmarks.spd_toy_suite import base_suite, config_args, config_steps, suite_configs  # noqa: E402
 from lightning_modules.spd import ci_functions  # noqa: E402
 from lightning_modules.spd.targets import build_toy_model, save_toy_target  # noqa: E402
 from train import cli_main  # noqa: E402
@@ -68,7 +77,8 @@ class StepOpCounter(OpCounter):
 
 class StepCount(Callback):
     """Counts one training batch, from on_train_batch_start to on_train_batch_end: its operator calls
-    (mode "ops", a dispatch mode) or a CPU profile of it (mode "profile", for compiled code)."""
+    (mode "ops", a dispatch mode) or a CPU profile of it (mode "profile", for compiled code; "memory":
+    with the profiler's memory events)."""
 
     def __init__(self, at_batch: int, mode: str) -> None:
         self.at_batch, self.mode = at_batch, mode
@@ -88,7 +98,8 @@ class StepCount(Callback):
             }
             self._active = self.counter = StepOpCounter(steps)
         else:
-            self._active = self.profile = profile(activities=[ProfilerActivity.CPU])
+            memory = self.mode == "memory"
+            self._active = self.profile = profile(activities=[ProfilerActivity.CPU], profile_memory=memory)
         self._active.__enter__()
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
@@ -160,6 +171,55 @@ def measure(suite: str, folder: Path, at_batch: int, batch_size: int, members: i
     return row | {"ops": None, **launches, "eager_launches": summary["work"]}
 
 
+def allocated_bytes(prof: profile) -> int:
+    """Bytes allocated during a profile taken with profile_memory: each event's own allocations (frees
+    within an event net out of it, and an event that frees more than it allocates counts zero)."""
+    return sum(max(0, e.self_cpu_memory_usage) for e in prof.events())
+
+
+def linear_fit(points: dict[int, float]) -> tuple[float, float, float]:
+    """(intercept, slope, the largest residual relative to its point) of the least-squares line through
+    {x: y}."""
+    xs, ys = list(points), list(points.values())
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mean_x) ** 2 for x in xs)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / var
+    intercept = mean_y - slope * mean_x
+    residual = max(abs(y - (intercept + slope * x)) / abs(y) for x, y in zip(xs, ys))
+    return intercept, slope, residual
+
+
+def recipe_batch(suite: str) -> int:
+    """The recipe's data batch_size (the last of its config files that sets it)."""
+    batch = None
+    for path in suite_configs(suite):
+        data = (yaml.safe_load(path.read_text()).get("data") or {}).get("init_args") or {}
+        batch = data.get("batch_size", batch)
+    return int(batch)
+
+
+def measure_memory(
+    suite: str, folder: Path, at_batch: int, batch_sizes: list[int], members: int = 1
+) -> dict[str, Any]:
+    """Bytes one step of the suite's recipe allocates at each of batch_sizes, and extrapolated to the
+    recipe's batch by the least-squares line through them."""
+    target = target_file(suite, folder)
+    by_batch = {}
+    for batch in batch_sizes:
+        root = folder / f"{suite}_memory_b{batch}"
+        step = count_step(suite, target, root, "memory", at_batch, batch, members)
+        by_batch[batch] = allocated_bytes(step.profile)
+    intercept, slope, residual = linear_fit(by_batch)
+    batch = recipe_batch(suite)
+    return {
+        "bytes_by_batch": by_batch,
+        "recipe_batch": batch,
+        "recipe_steps": config_steps(suite),
+        "bytes_at_recipe_batch": round(intercept + slope * batch),
+        "fit_max_residual": residual,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -169,6 +229,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument(
         "--members", type=int, nargs="+", default=[1], help="ensemble sizes counted, e.g. 1 5"
+    )
+    parser.add_argument(
+        "--memory-batches",
+        type=int,
+        nargs="*",
+        default=[64, 128, 256],
+        help="batches at which a step's allocations are measured, extrapolated to the recipe's (none: off)",
     )
     parser.add_argument("--name", default=RESULTS_NAME)
     args = parser.parse_args()
@@ -184,6 +251,12 @@ def main() -> None:
             for members in args.members:
                 key = suite if members == 1 else f"{suite} x{members} members"
                 results[key] = row = measure(suite, Path(tmp), args.at_batch, args.batch_size, members)
+                if len(args.memory_batches) >= 2:
+                    row["memory"] = measure_memory(
+                        suite, Path(tmp), args.at_batch, args.memory_batches, members
+                    )
+                    gb = row["memory"]["bytes_at_recipe_batch"] / 1e9
+                    print(f"{key}: {gb:.2f} GB allocated per step at the recipe's batch", flush=True)
                 print(f"{key}: {row['launches']} launches, {row['syncs']} syncs", flush=True)
     write_results(
         args.name, meta, {"at_batch": args.at_batch, "batch_size": args.batch_size, "suites": results}
