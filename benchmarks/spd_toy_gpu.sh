@@ -7,7 +7,9 @@
 #    wheels benchmarks/prepare_gpu_wheels.py puts in data_cache/gpu_wheels.
 # 2. Runs one 20-step two-member decomposition through the whole pipeline (exit 5 when it fails, before the
 #    lease is spent).
-# 3. Runs each suite of SUITES (default: the 2-layer, then the 3-layer ResidMLP at the reference's sizes) on
+# 3. Runs each suite of SUITES (default: the 2-layer, then the 3-layer ResidMLP at the reference's sizes, the
+#    3-layer as its compile variant: eager, its `mlp` CI functions write ~150 GB per five-member step, at least
+#    45 ms of an H100's bandwidth a step, 38 min for the 50k steps; compiled, 8 GB, docs/benchmarks.md) on
 #    the seeds SEEDS as one member ensemble (spd_toy_suite.py --members: one process whose member i is the
 #    run of seed i, lightning_modules/spd/members.py), float32 matmuls on TF32 tensor cores unless TF32=0;
 #    targets are reused from $WORK/targets when there (trained on a CPU beforehand, carried).
@@ -25,7 +27,7 @@ SEEDS=${SEEDS:-10-14}
 ACCEL=${ACCEL:-gpu}           # cpu: a local smoke run of this script
 SMOKE=${SMOKE:-1}             # 0: no 20-step pipeline check (a second call, say)
 EXTRA=${EXTRA:-}              # more spd_toy_suite.py options for every suite (smoke: --max-steps 5)
-SUITES=${SUITES:-resid_mlp2 resid_mlp3}
+SUITES=${SUITES:-resid_mlp2 resid_mlp3_compile}
 TF32=${TF32:-1}
 start=$(date +%s)
 LOGS="$WORK/call_logs"  # this call's logs: archived into $OUT at the end
@@ -51,7 +53,7 @@ first=${SUITES%% *}
 python3 benchmarks/spd_toy_suite.py --suite "$first" --target-only --accelerator "$ACCEL" --work "$WORK" \
     >"$LOGS/target.log" 2>&1 || { tail -n 30 "$LOGS/target.log"; exit 5; }
 if [ "$SMOKE" = 1 ]; then
-    mkdir -p "$WORK/smoke/targets" && cp "$WORK/targets/$first".* "$WORK/smoke/targets/"
+    mkdir -p "$WORK/smoke/targets" && cp "$WORK/targets/${first%_compile}".* "$WORK/smoke/targets/"
     timeout 150 python3 benchmarks/spd_toy_suite.py --suite "$first" --seeds 98,99 --members --max-steps 20 \
         --figures end --accelerator "$ACCEL" $tf32 --work "$WORK/smoke" --out "$OUT/smoke.json" >"$LOGS/smoke.log" 2>&1
     if ! grep -q '"ran": true' "$OUT/smoke.json" 2>/dev/null; then
