@@ -26,6 +26,7 @@ WORK=${WORK:-lightning_logs/spd_gpu}
 SEEDS=${SEEDS:-10-14}
 ACCEL=${ACCEL:-gpu}           # cpu: a local smoke run of this script
 SMOKE=${SMOKE:-1}             # 0: no 20-step pipeline check (a second call, say)
+SMOKE_TIMEOUT=${SMOKE_TIMEOUT:-150}  # seconds (a CPU run of this script needs ~600)
 EXTRA=${EXTRA:-}              # more spd_toy_suite.py options for every suite (smoke: --max-steps 5)
 SUITES=${SUITES:-resid_mlp2 resid_mlp3_compile}
 TF32=${TF32:-1}
@@ -54,7 +55,7 @@ python3 benchmarks/spd_toy_suite.py --suite "$first" --target-only --accelerator
     >"$LOGS/target.log" 2>&1 || { tail -n 30 "$LOGS/target.log"; exit 5; }
 if [ "$SMOKE" = 1 ]; then
     mkdir -p "$WORK/smoke/targets" && cp "$WORK/targets/${first%_compile}".* "$WORK/smoke/targets/"
-    timeout 150 python3 benchmarks/spd_toy_suite.py --suite "$first" --seeds 98,99 --members --max-steps 20 \
+    timeout "$SMOKE_TIMEOUT" python3 benchmarks/spd_toy_suite.py --suite "$first" --seeds 98,99 --members --max-steps 20 \
         --figures end --accelerator "$ACCEL" $tf32 --work "$WORK/smoke" --out "$OUT/smoke.json" >"$LOGS/smoke.log" 2>&1
     if ! grep -q '"ran": true' "$OUT/smoke.json" 2>/dev/null; then
         echo "smoke run failed:"; tail -n 30 "$LOGS/smoke.log" "$WORK"/smoke/*.log; exit 5

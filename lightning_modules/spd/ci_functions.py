@@ -76,6 +76,21 @@ def scalar_mlps(g: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor]) 
     return parallel_layers(h, weights, biases, start=1)
 
 
+# float32 (rows, C, hidden) tensors autograd's graph of one-hidden-layer scalar MLPs creates per module and step
+# (product, sum, GELU, product; their backward's five): measured, benchmarks/spd_step_launches.py
+EAGER_SCALAR_MLP_TENSORS = 9
+
+
+def eager_scalar_mlp_bytes(
+    rows: int, module_to_c: dict[str, int], hidden: Sequence[int], members: int = 1
+) -> int:
+    """About the bytes the `mlp` CI functions' eager graph (a GPU's, without compile) allocates in one step on
+    `rows` inputs (examples or tokens): (rows, C, hidden) float32 tensors per module, EAGER_SCALAR_MLP_TENSORS
+    of them per hidden layer."""
+    per_row = sum(c * h for c in module_to_c.values() for h in hidden)
+    return EAGER_SCALAR_MLP_TENSORS * 4 * rows * per_row * members
+
+
 _BLOCK_ELEMENTS = 1 << 18  # ~1 MiB of float32 per (rows, C, H) block: stays in L2 cache
 
 

@@ -33,6 +33,7 @@ from lightning_modules.common.quiet_logging import expect_frozen_eval_modules
 from lightning_modules.common.seeds import mixed_seed
 from lightning_modules.gpt.config import GPTConfig
 
+from . import ci_functions
 from .component_model import ComponentModel, match_target_modules, tie_component_weights_
 from .config import (
     GROUPS,
@@ -57,6 +58,9 @@ from .targets import check_target_data, load_target, output_head_name, random_gp
 
 TARGET_PREFIX = "cm.target_model."  # the frozen target's keys in this module's state_dict
 TARGET_FINGERPRINT = "spd_target_fingerprint"
+EAGER_MLP_WARN_BYTES = (
+    4e9  # an eager `mlp` CI step's allocations worth a warning (~1 ms of a GPU's bandwidth)
+)
 
 
 SPD_ADAMW = adamw(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), module=__name__)  # the default optimizer
@@ -162,6 +166,7 @@ class SPDLightningModule(pl.LightningModule):
         self._evals: list[tuple[int | None, ComponentModel, EvalAccumulator]] = []  # see _open_eval
         self._total_steps = 1  # set in configure_optimizers: the importance-p schedule's length
         self._compiled = False
+        self._eager_cost_checked = False
         self._target_sums: dict[str, float] | None = None  # see _target_fingerprint
         # The stochastic masks come from their own generator, reseeded per (rank, step, micro-batch):
         # drawing them from the global RNG would give every DDP rank the same random numbers (all ranks
@@ -299,6 +304,29 @@ class SPDLightningModule(pl.LightningModule):
             self.warmup_done.fill_(True)
             for logger in self.loggers:  # self.log is not allowed in on_fit_start
                 logger.log_metrics({"train/faithfulness_warmup": loss}, step=0)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if not self._eager_cost_checked:
+            self._eager_cost_checked = True
+            self._warn_eager_scalar_mlps(self._split(batch)[0])
+
+    def _warn_eager_scalar_mlps(self, x: Tensor) -> None:
+        """On a GPU without compile, `mlp` CI functions run as autograd's graph, which forms (rows, C, hidden)
+        tensors: say what that costs a step when it is over EAGER_MLP_WARN_BYTES, and what avoids it (the
+        CPU's eager path is a blocked kernel that does not form them)."""
+        cfg = self.component_cfg
+        if x.device.type == "cpu" or self.hparams.compile or cfg.ci_fn_type != "mlp":
+            return
+        rows = x.shape[:-1].numel() if x.is_floating_point() else x.numel()  # examples, or tokens
+        cm = self.build()
+        cost = ci_functions.eager_scalar_mlp_bytes(rows, cm.module_to_c, cfg.ci_fn_hidden_dims, cm.members or 1)
+        if cost > EAGER_MLP_WARN_BYTES:
+            rank_zero_warn(
+                f"the `mlp` CI functions run eagerly on {x.device.type}: their graph forms (batch, C, "
+                f"{max(cfg.ci_fn_hidden_dims)}) tensors, about {cost / 1e9:.0f} GB of allocations a step at this "
+                "batch, bound by the memory's bandwidth; `--model.init_args.compile true` fuses them "
+                "(configs/spd/variants/resid_mlp3_compile.yaml, docs/benchmarks.md)"
+            )
 
     @staticmethod
     def _split(batch: Any) -> tuple[Tensor, Tensor | None]:
