@@ -319,7 +319,9 @@ class SPDLightningModule(pl.LightningModule):
             return
         rows = x.shape[:-1].numel() if x.is_floating_point() else x.numel()  # examples, or tokens
         cm = self.build()
-        cost = ci_functions.eager_scalar_mlp_bytes(rows, cm.module_to_c, cfg.ci_fn_hidden_dims, cm.members or 1)
+        cost = ci_functions.eager_scalar_mlp_bytes(
+            rows, cm.module_to_c, cfg.ci_fn_hidden_dims, cm.members or 1
+        )
         if cost > EAGER_MLP_WARN_BYTES:
             rank_zero_warn(
                 f"the `mlp` CI functions run eagerly on {x.device.type}: their graph forms (batch, C, "
