@@ -76,8 +76,9 @@ def scalar_mlps(g: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor]) 
     return parallel_layers(h, weights, biases, start=1)
 
 
-# float32 (rows, C, hidden) tensors autograd's graph of one-hidden-layer scalar MLPs creates per module and step
-# (product, sum, GELU, product; their backward's five): measured, benchmarks/spd_step_launches.py
+# float32 (rows, C, hidden) tensors autograd's graph of one-hidden-layer scalar MLPs creates per module and step:
+# four in the forward (product, bias, GELU, product with the output weights), five in the backward
+# (tests/test_spd_eager_cost.py checks the estimate below against the profiler's allocations)
 EAGER_SCALAR_MLP_TENSORS = 9
 
 

@@ -58,9 +58,8 @@ from .targets import check_target_data, load_target, output_head_name, random_gp
 
 TARGET_PREFIX = "cm.target_model."  # the frozen target's keys in this module's state_dict
 TARGET_FINGERPRINT = "spd_target_fingerprint"
-EAGER_MLP_WARN_BYTES = (
-    4e9  # an eager `mlp` CI step's allocations worth a warning (~1 ms of a GPU's bandwidth)
-)
+# an eager `mlp` CI step's allocations worth a warning (over 1 ms of a GPU's memory bandwidth)
+EAGER_MLP_WARN_BYTES = 4e9
 
 
 SPD_ADAMW = adamw(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), module=__name__)  # the default optimizer
