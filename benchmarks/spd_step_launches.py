@@ -53,7 +53,12 @@ from benchmarks.op_count import (  # noqa: E402
     launches_in_profile,
 )
 from benchmarks.results import run_metadata, write_results  # noqa: E402
-from benchmarks.spd_toy_suite import base_suite, config_args, config_steps, suite_configs  # noqa: E402
+from benchmarks.spd_toy_suite import (  # noqa: E402
+    base_suite,
+    config_args,
+    config_steps,
+    recipe_setting,
+)
 from lightning_modules.spd import ci_functions  # noqa: E402
 from lightning_modules.spd.targets import build_toy_model, save_toy_target  # noqa: E402
 from train import cli_main  # noqa: E402
@@ -141,11 +146,7 @@ def count_step(
 
 def compiles(suite: str) -> bool:
     """Whether the suite's recipe (its last config files over the first) sets compile: true."""
-    value = False
-    for path in suite_configs(suite):
-        init = (yaml.safe_load(path.read_text()).get("model") or {}).get("init_args") or {}
-        value = init.get("compile", value)
-    return bool(value)
+    return bool(recipe_setting(suite, ("model", "init_args", "compile"), False))
 
 
 def eager_twin(suite: str) -> str:
@@ -190,12 +191,8 @@ def linear_fit(points: dict[int, float]) -> tuple[float, float, float]:
 
 
 def recipe_batch(suite: str) -> int:
-    """The recipe's data batch_size (the last of its config files that sets it)."""
-    batch = None
-    for path in suite_configs(suite):
-        data = (yaml.safe_load(path.read_text()).get("data") or {}).get("init_args") or {}
-        batch = data.get("batch_size", batch)
-    return int(batch)
+    """The recipe's data batch_size."""
+    return int(recipe_setting(suite, ("data", "init_args", "batch_size")))
 
 
 def measure_memory(

@@ -229,14 +229,23 @@ def judge(suite: str, results: dict[str, Any], wall_s: float) -> tuple[bool, lis
     return not failures, failures
 
 
-def config_steps(suite: str) -> int:
-    """The decomposition's trainer.max_steps (the last of its config files that sets it)."""
+def recipe_setting(suite: str, keys: tuple[str, ...], default: Any = None) -> Any:
+    """A setting of the decomposition's recipe by its keys, e.g. ("trainer", "max_steps"): the value the
+    last of its config files that sets it gives (train.py applies them in order), else `default`."""
     import yaml
 
-    steps = None
+    value = default
     for path in suite_configs(suite):
-        steps = (yaml.safe_load(path.read_text()).get("trainer") or {}).get("max_steps", steps)
-    return int(steps)
+        node: Any = yaml.safe_load(path.read_text())
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        value = value if node is None else node
+    return value
+
+
+def config_steps(suite: str) -> int:
+    """The decomposition's trainer.max_steps."""
+    return int(recipe_setting(suite, ("trainer", "max_steps")))
 
 
 def unfinished_checkpoint(root: Path) -> Path | None:
