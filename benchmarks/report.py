@@ -913,11 +913,12 @@ def render_spd_step_launches(payload: Payload) -> list[str]:
     if memory:
         batches = sorted({int(b) for m in memory for b in m["bytes_by_batch"]})
         residual = max(m["fit_max_residual"] for m in memory)
+        recipe_batches = ", ".join(map(str, sorted({m["recipe_batch"] for m in memory})))
         tail += (
             f" Allocated: the bytes of every tensor one step creates (the profiler's memory events; the eager "
             "graph a GPU runs, the `mlp` CI functions' included, and the kernels Inductor generates), measured "
             f"at batches {', '.join(map(str, batches))} and extrapolated along their least-squares line (largest "
-            f"residual {residual:.1%}) to the recipe's batch ({memory[0]['recipe_batch']}). A GPU writes at least "
+            f"residual {residual:.1%}) to the recipe's batch ({recipe_batches}). A GPU writes at least "
             f"that much per step: at an H100's {HBM_TB_S:g} TB/s of memory bandwidth (reads, and the launches, "
             "not counted) it takes the time shown, and that times the recipe's steps for the whole run."
         )

@@ -154,10 +154,12 @@ def eager_twin(suite: str) -> str:
     return base_suite(suite)
 
 
-def measure(suite: str, folder: Path, at_batch: int, batch_size: int, members: int = 1) -> dict[str, Any]:
-    """{ops, syncs, launches} of one step of the suite's recipe; a compiled recipe's launches are op_count's
-    estimate (its eager twin's working operators by name, each Inductor kernel), and it has no op count."""
-    target = target_file(suite, folder)
+def measure(
+    suite: str, target: Path, folder: Path, at_batch: int, batch_size: int, members: int = 1
+) -> dict[str, Any]:
+    """{ops, syncs, launches} of one step of the suite's recipe on `target` (target_file's); a compiled
+    recipe's launches are op_count's estimate (its eager twin's working operators by name, each Inductor
+    kernel), and it has no op count."""
     eager = count_step(
         eager_twin(suite), target, folder / f"{suite}_eager", "ops", at_batch, batch_size, members
     )
@@ -196,11 +198,10 @@ def recipe_batch(suite: str) -> int:
 
 
 def measure_memory(
-    suite: str, folder: Path, at_batch: int, batch_sizes: list[int], members: int = 1
+    suite: str, target: Path, folder: Path, at_batch: int, batch_sizes: list[int], members: int = 1
 ) -> dict[str, Any]:
-    """Bytes one step of the suite's recipe allocates at each of batch_sizes, and extrapolated to the
-    recipe's batch by the least-squares line through them."""
-    target = target_file(suite, folder)
+    """Bytes one step of the suite's recipe on `target` allocates at each of batch_sizes, and extrapolated
+    to the recipe's batch by the least-squares line through them."""
     by_batch = {}
     for batch in batch_sizes:
         root = folder / f"{suite}_memory_b{batch}"
@@ -245,12 +246,14 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for suite in args.suites:
+            target = target_file(suite, Path(tmp))  # one per suite, for every count of it
             for members in args.members:
                 key = suite if members == 1 else f"{suite} x{members} members"
-                results[key] = row = measure(suite, Path(tmp), args.at_batch, args.batch_size, members)
+                row = measure(suite, target, Path(tmp), args.at_batch, args.batch_size, members)
+                results[key] = row
                 if len(args.memory_batches) >= 2:
                     row["memory"] = measure_memory(
-                        suite, Path(tmp), args.at_batch, args.memory_batches, members
+                        suite, target, Path(tmp), args.at_batch, args.memory_batches, members
                     )
                     gb = row["memory"]["bytes_at_recipe_batch"] / 1e9
                     print(f"{key}: {gb:.2f} GB allocated per step at the recipe's batch", flush=True)
